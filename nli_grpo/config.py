@@ -1,0 +1,328 @@
+"""Typed experiment config: dataclasses (defaults = the paper's main runs), YAML recipes shipped in
+`nli_grpo/recipes/`, dotted `key=value` overrides, and validation that fails before anything heavy
+is loaded.
+
+    cfg = load_config("smoke", ["lora.rank=8", "grpo.max_steps=20"])
+
+OmegaConf does the merging and the type checks (a wrong type or an unknown key is an error naming
+the key); `validate` adds the checks that need several fields or a list of allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .data import BENCHMARK_NAMES, TRAIN_SOURCES
+
+QUANTIZATIONS = ("bf16", "awq", "bnb4")
+ROLLOUT_BACKENDS = ("hf", "vllm")
+EVAL_BACKENDS = ("hf", "vllm")
+STAGES = ("grpo", "zero_shot")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("none", "group", "batch")
+
+
+class ConfigError(ValueError):
+    """An invalid experiment config; the message names the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "Qwen/Qwen2.5-7B-Instruct"
+    """Hub id or local folder of the base model. `tiny` builds a tiny random Qwen2 with a locally
+    trained tokenizer (no download); `random:qwen2.5-7b` (or -14b, -32b) builds the real shape
+    with random weights, for memory and speed checks."""
+    quantization: str = "bf16"
+    """`bf16` (unquantised), `awq` (a pre-quantised AWQ checkpoint, e.g. Qwen2.5-7B-Instruct-AWQ,
+    loaded through gptqmodel) or `bnb4` (bitsandbytes 4-bit NF4 at load time)."""
+    key: Optional[str] = None
+    """Short model name used in cell ids and tables (e.g. `qwen2.5-7b`); derived when unset."""
+    revision: Optional[str] = None
+    """Hub revision (commit) to pin; recorded in the result."""
+    trust_remote_code: bool = False
+    """Allow the checkpoint's own Python code. Off: Qwen2.5 needs none."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
+    gradient_checkpointing: bool = True
+    """Trade compute for activation memory; needed for 512-token completions on 32B."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 64
+    """LoRA rank r."""
+    alpha: Optional[int] = None
+    """LoRA alpha; unset means alpha = rank (the paper)."""
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Projections that get an adapter (default: all seven, as the paper)."""
+
+
+@dataclass
+class GRPOConfig:
+    """The paper's GRPO settings ([code] in paper-facts.md). Every field is passed to TRL
+    explicitly because TRL's defaults have moved across versions."""
+
+    max_steps: int = 4000
+    """Optimizer steps."""
+    num_generations: int = 4
+    """Group size: completions sampled per prompt."""
+    completions_per_step: int = 8
+    """Completions per optimizer step over all GPUs (paper: 2 prompts x 4 = 8; rank ablation: 32)."""
+    gradient_accumulation_steps: int = 1
+    num_iterations: int = 4
+    """Optimizer steps taken on each generated batch (GRPO's mu)."""
+    beta: float = 0.01
+    """KL coefficient; the reference is the base model with the adapter disabled."""
+    epsilon: float = 0.2
+    """Clip range, symmetric (epsilon_high = epsilon)."""
+    scale_rewards: str = "none"
+    """Advantage = reward - group mean; `none` = no division by the group std (paper)."""
+    loss_type: str = "grpo"
+    """`grpo`: per-sequence token mean, then mean over sequences (original GRPO, paper)."""
+    skip_zero_advantage_steps: bool = True
+    """Skip the backward pass and optimizer update when every advantage of the batch is 0."""
+    learning_rate: float = 5e-6
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    optim: str = "paged_adamw_8bit"
+    """Optimizer name as transformers spells it (paper: bitsandbytes paged 8-bit AdamW)."""
+    max_grad_norm: float = 1.0
+    max_prompt_length: int = 512
+    max_completion_length: int = 512
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+    logging_steps: int = 1
+    save_steps: int = 100
+    """Checkpoint every N steps (plus one on USR2 / SIGTERM)."""
+    save_total_limit: int = 2
+    """Complete checkpoints kept on disk."""
+    deepspeed: Optional[str] = None
+    """DeepSpeed config for multi-GPU jobs: a path, or `zero2` / `zero3` for the shipped ones."""
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    """`hf`: HF generate (the paper); `vllm`: colocated vLLM with LoRA adapter hot-swap."""
+    gpu_memory_utilization: Optional[float] = None
+    """vLLM's share of GPU memory (host memory on its CPU backend); unset: derived per model."""
+    max_lora_rank: Optional[int] = None
+    """Unset: the LoRA rank of the run."""
+    max_model_len: Optional[int] = None
+    """Unset: max_prompt_length + max_completion_length."""
+    enforce_eager: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_source: str = "anli_hard"
+    """Training prompts: `anli_hard` (the pool built by `python -m nli_grpo.bootstrap`) or any
+    train source name of the data registry."""
+    local_dir: Optional[str] = None
+    """Folder of local files in the hub's schemas; `samples` = the small set shipped with the
+    package. Looked at before the hub."""
+    files: Dict[str, str] = field(default_factory=dict)
+    """Explicit file per dataset name (overrides local_dir)."""
+    hub: bool = True
+    """Allow downloading from the Hugging Face hub when no local file is found."""
+    train_limit: Optional[int] = None
+    """Use only the first N training prompts."""
+    shuffle_seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: List[str] = field(default_factory=lambda: list(BENCHMARK_NAMES))
+    backend: str = "vllm"
+    """`vllm` (the paper) or `hf` (HF generate, for machines without vLLM)."""
+    max_new_tokens: int = 768
+    max_model_len: int = 1024
+    batch_size: int = 64
+    """Prompts per generate call for the hf backend (vLLM schedules by itself)."""
+    limit: Optional[int] = None
+    """Evaluate only the first N examples per set (smoke runs)."""
+    after_training: bool = True
+    """Run the evaluation as the last stage of a training job."""
+    gpu_memory_utilization: float = 0.85
+
+
+@dataclass
+class ResourcesConfig:
+    """What one cell asks Slurm for; per model size in the recipes, overridable from the CLI."""
+
+    gpus_per_node: int = 1
+    """GPUs of one job (one training process each); 0 for a CPU-only job."""
+    cpus_per_task: int = 8
+    mem_gb: int = 64
+    timeout_min: int = 24 * 60
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "results/default/run"
+    """Where the run writes result.json, logs, checkpoints and predictions."""
+    sweep: str = "default"
+    cell_id: str = "run"
+
+
+@dataclass
+class ExperimentConfig:
+    stage: str = "grpo"
+    """`grpo` (train then evaluate) or `zero_shot` (evaluate the base model only)."""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    return sorted(p.name[:-5] for p in resources.files("nli_grpo.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def _recipe_path(recipe: str) -> Path:
+    if recipe.endswith((".yaml", ".yml")) or "/" in recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {recipe} not found")
+        return path
+    path = Path(str(resources.files("nli_grpo.recipes").joinpath(f"{recipe}.yaml")))
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {recipe!r}; shipped recipes: {', '.join(recipe_names())}, or give a path to a .yaml file")
+    return path
+
+
+def _load_yaml_chain(path: Path) -> list:
+    """A recipe may name a parent with `base: <recipe>`; parents merge first."""
+    node = OmegaConf.load(path)
+    parent = node.pop("base", None)
+    return (_load_yaml_chain(_recipe_path(parent)) if parent else []) + [node]
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Dataclass defaults, then the recipe (a shipped name or a path) and its parents, then dotted
+    `key=value` overrides; validated. Raises ConfigError naming the offending field."""
+    layers = [OmegaConf.structured(ExperimentConfig)]
+    if recipe:
+        layers += _load_yaml_chain(_recipe_path(recipe))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. lora.rank=16)")
+        layers.append(OmegaConf.from_dotlist([item]))
+    try:
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild a config from `to_dict()` output (e.g. the copy stored in result.json)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    message = str(err).splitlines()[0]
+    if "not in" in message or "Missing key" in message or "Key '" in message:
+        leaf = key.split(".")[-1]
+        parent_cls = _section_class(key.rsplit(".", 1)[0] if "." in key else "")
+        names = [f.name for f in dataclasses.fields(parent_cls)] if parent_cls else []
+        close = difflib.get_close_matches(leaf, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(names)}" if names else "")
+        return f"unknown config field {key!r}{hint}"
+    return f"config field {key!r}: {message}" if key else message
+
+
+def _section_class(path: str):
+    cls = ExperimentConfig
+    for part in filter(None, path.split(".")):
+        cls = typing.get_type_hints(cls).get(part)
+        if not dataclasses.is_dataclass(cls):
+            return None
+    return cls
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    _require(value in allowed, f"{name}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Cross-field and allowed-value checks; raises ConfigError with the field and the fix."""
+    _choice("stage", cfg.stage, STAGES)
+    _choice("model.quantization", cfg.model.quantization, QUANTIZATIONS)
+    _choice("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS)
+    _choice("eval.backend", cfg.eval.backend, EVAL_BACKENDS)
+    _choice("grpo.loss_type", cfg.grpo.loss_type, LOSS_TYPES)
+    _choice("grpo.scale_rewards", cfg.grpo.scale_rewards, SCALE_REWARDS)
+    _require(cfg.lora.rank > 0, f"lora.rank={cfg.lora.rank} must be a positive integer (the paper uses 8..128)")
+    _require(cfg.lora.alpha is None or cfg.lora.alpha > 0, f"lora.alpha={cfg.lora.alpha} must be positive, or unset for alpha = rank")
+    _require(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
+    bad_targets = sorted(set(cfg.lora.target_modules) - set(LORA_TARGETS))
+    _require(not bad_targets and cfg.lora.target_modules, f"lora.target_modules has unknown {bad_targets or 'nothing'}; choose from: {', '.join(LORA_TARGETS)}")
+    g = cfg.grpo
+    for name in ("max_steps", "num_generations", "completions_per_step", "gradient_accumulation_steps",
+                 "num_iterations", "max_prompt_length", "max_completion_length", "save_steps", "logging_steps"):
+        _require(getattr(g, name) > 0, f"grpo.{name}={getattr(g, name)} must be positive")
+    _require(g.num_generations >= 2, f"grpo.num_generations={g.num_generations}: GRPO needs a group of at least 2 completions per prompt")
+    _require(g.completions_per_step % g.num_generations == 0,
+             f"grpo.completions_per_step={g.completions_per_step} must be divisible by grpo.num_generations={g.num_generations} "
+             "(every prompt gets a whole group); e.g. completions_per_step=8 with num_generations=4")
+    processes = max(1, cfg.resources.gpus_per_node)  # one training process per GPU; one on a CPU
+    per_micro, rest = divmod(g.completions_per_step, g.gradient_accumulation_steps * processes)
+    _require(rest == 0 and per_micro > 0,
+             f"grpo.completions_per_step={g.completions_per_step} must be divisible by grpo.gradient_accumulation_steps "
+             f"({g.gradient_accumulation_steps}) x training processes ({processes}, one per GPU)")
+    _require(g.beta >= 0, f"grpo.beta={g.beta} must be >= 0")
+    _require(0 < g.epsilon < 1, f"grpo.epsilon={g.epsilon} must be in (0, 1)")
+    _require(g.temperature > 0, f"grpo.temperature={g.temperature} must be > 0 (GRPO samples)")
+    _require(0 < g.top_p <= 1, f"grpo.top_p={g.top_p} must be in (0, 1]")
+    _require(g.deepspeed in (None, "zero2", "zero3") or Path(g.deepspeed).is_file(),
+             f"grpo.deepspeed={g.deepspeed!r}: use zero2, zero3 or a path to a DeepSpeed JSON config")
+    unknown = [b for b in cfg.eval.benchmarks if b not in BENCHMARK_NAMES]
+    _require(not unknown, f"eval.benchmarks has unknown {unknown}; valid names: {', '.join(BENCHMARK_NAMES)}")
+    _require(cfg.eval.max_new_tokens < cfg.eval.max_model_len,
+             f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be below eval.max_model_len={cfg.eval.max_model_len}")
+    util = cfg.rollout.gpu_memory_utilization
+    _require(util is None or 0 < util < 1, f"rollout.gpu_memory_utilization={util} must be in (0, 1)")
+    _require(cfg.rollout.max_lora_rank is None or cfg.rollout.max_lora_rank >= cfg.lora.rank,
+             f"rollout.max_lora_rank={cfg.rollout.max_lora_rank} is below lora.rank={cfg.lora.rank}")
+    if cfg.model.quantization == "awq":
+        _require("awq" in cfg.model.name_or_path.lower() or Path(cfg.model.name_or_path).is_dir(),
+                 f"model.quantization=awq needs a pre-quantised AWQ checkpoint (e.g. Qwen/Qwen2.5-7B-Instruct-AWQ), "
+                 f"not {cfg.model.name_or_path!r}")
+    _choice("data.train_source", cfg.data.train_source, ("anli_hard", *TRAIN_SOURCES))
+    _require(cfg.rollout.backend != "vllm" or cfg.resources.gpus_per_node <= 1,
+             f"rollout.backend=vllm runs colocated in one training process; with resources.gpus_per_node="
+             f"{cfg.resources.gpus_per_node} use rollout.backend=hf (multi-GPU vLLM server mode is not wired yet)")

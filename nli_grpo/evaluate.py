@@ -1,0 +1,198 @@
+"""The 13-set evaluation: `python -m nli_grpo.evaluate --base MODEL [--adapter DIR] [--benchmarks ...]`,
+also the last stage of a training job, and `--score FILE.jsonl --benchmark NAME` to score
+completions produced elsewhere under the same protocol.
+
+Protocol (paper-facts.md): the paper's prompt through the model's chat template, greedy decoding,
+one sample, at most 768 new tokens in a 1024-token context, scored by `scoring.score_benchmark`.
+One engine serves every set; prompts go to it sorted by length for throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import results
+from .config import ConfigError, ExperimentConfig, load_config
+from .data import BENCHMARKS, load_benchmark
+from .prompts import render_prompt
+
+log = logging.getLogger("nli_grpo.evaluate")
+
+
+
+def _token_budget(prompt_len: int, max_new_tokens: int, max_model_len: int) -> int:
+    """New tokens a prompt may get: the configured maximum, capped so prompt + completion fits
+    the context (vLLM and HF then stop at the same place)."""
+    return max(1, min(max_new_tokens, max_model_len - prompt_len))
+
+
+class HFGenerator:
+    """Greedy generation with transformers, for machines without vLLM. Batches prompts of similar
+    length together (sorted) so little compute goes to padding."""
+
+    def __init__(self, cfg: ExperimentConfig, adapter: Path | None):
+        from .models import load_base_model, load_tokenizer
+
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer.padding_side = "left"
+        model = load_base_model(cfg.model)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter))
+        self.model = model.eval()
+
+    def generate(self, prompts: list[str], desc: str) -> list[str]:
+        import torch
+        from tqdm.auto import tqdm
+
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[str] = [""] * len(ids)
+        size = self.cfg.eval.batch_size
+        for start in tqdm(range(0, len(order), size), desc=desc, unit="batch"):
+            batch = order[start:start + size]
+            longest = max(len(ids[i]) for i in batch)
+            budget = _token_budget(longest, self.cfg.eval.max_new_tokens, self.cfg.eval.max_model_len)
+            enc = self.tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(self.model.device)
+            with torch.no_grad():
+                gen = self.model.generate(**enc, do_sample=False, max_new_tokens=budget,
+                                          pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+            texts = self.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(batch, texts):
+                out[i] = text
+        return out
+
+
+class VLLMGenerator:
+    """Greedy generation with vLLM; the adapter is served as a LoRA request on the base model."""
+
+    def __init__(self, cfg: ExperimentConfig, adapter: Path | None):
+        from .rollout import build_llm
+
+        self.cfg = cfg
+        self.llm = build_llm(cfg, purpose="eval", enable_lora=adapter is not None)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.lora = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest("eval_adapter", 1, str(adapter))
+
+    def generate(self, prompts: list[str], desc: str) -> list[str]:
+        from vllm import SamplingParams
+
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        params = [SamplingParams(temperature=0.0, max_tokens=_token_budget(len(x), self.cfg.eval.max_new_tokens, self.cfg.eval.max_model_len),
+                                 skip_special_tokens=True) for x in ids]
+        log.info("%s: generating %d completions", desc, len(ids))
+        outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, lora_request=self.lora, use_tqdm=True)
+        return [o.outputs[0].text for o in outputs]
+
+
+def make_generator(cfg: ExperimentConfig, adapter: Path | None):
+    return (VLLMGenerator if cfg.eval.backend == "vllm" else HFGenerator)(cfg, adapter)
+
+
+def evaluate_run(cfg: ExperimentConfig, adapter: Path | None, stop=None, generator=None) -> dict | None:
+    """Evaluate the base model (adapter None: the zero-shot baseline) or base + adapter on
+    cfg.eval.benchmarks. Writes per-example predictions under `<output.dir>/predictions/` and
+    returns the `eval` block of result.json, or None when a stop was requested between sets."""
+    from .scoring import GROUP_FIELDS, prediction_records, predictions_path, score_benchmark, write_predictions
+
+    generator = generator or make_generator(cfg, adapter)
+    tokenizer = generator.tokenizer
+    block: dict = {}
+    for name in cfg.eval.benchmarks:
+        if stop is not None and stop.is_set():
+            return None
+        bench = load_benchmark(name, local_dir=cfg.data.local_dir, files=cfg.data.files, hub=cfg.data.hub, limit=cfg.eval.limit)
+        ds = bench.dataset
+        prompts = [render_prompt(tokenizer, p, h) for p, h in zip(ds["premise"], ds["hypothesis"])]
+        started = time.time()
+        completions = generator.generate(prompts, desc=name)
+        groups = {c: list(ds[c]) for c in GROUP_FIELDS if c in ds.column_names}
+        entry = score_benchmark(name, ds["label"], completions, groups or None)
+        entry.update(source=bench.source, n_dropped=bench.n_dropped, seconds=round(time.time() - started, 2))
+        block[name] = entry
+        records = prediction_records(name, ds["id"], ds["label"], completions, groups or None)
+        write_predictions(predictions_path(cfg.output.dir, name), records)
+        log.info("%s: accuracy %s (strict %s, unparseable %.3f, n %d)", name, entry["accuracy"],
+                 entry["accuracy_strict"], entry["unparseable_rate"], entry["n"])
+    return block
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m nli_grpo.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", help="base model: hub id, folder, `tiny` or `random:qwen2.5-7b`")
+    parser.add_argument("--adapter", type=Path, help="LoRA adapter folder (omit for the zero-shot baseline)")
+    parser.add_argument("--quantization", choices=("bf16", "awq", "bnb4"), help="quantization of the base model")
+    parser.add_argument("--benchmarks", help=f"comma list (default: all 13): {','.join(BENCHMARKS)}")
+    parser.add_argument("--config", default="paper", help="recipe for eval/data settings (default: paper)")
+    parser.add_argument("--backend", choices=("vllm", "hf"), help="generation backend (default: the recipe's)")
+    parser.add_argument("--limit", type=int, help="first N examples per set")
+    parser.add_argument("--out", type=Path, help="folder for result.json and predictions (default: results/eval/<cell>)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.local_dir=/data/nli")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--score" in argv or any(a.startswith("--score=") for a in argv):
+        from .scoring import main as score_main
+
+        return score_main(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ["eval.after_training=true"]
+    if args.base:
+        overrides.append(f"model.name_or_path={args.base}")
+    if args.quantization:
+        overrides.append(f"model.quantization={args.quantization}")
+    if args.benchmarks:
+        overrides.append(f"eval.benchmarks=[{args.benchmarks}]")
+    if args.backend:
+        overrides.append(f"eval.backend={args.backend}")
+    if args.limit:
+        overrides.append(f"eval.limit={args.limit}")
+    if args.adapter is None:
+        overrides.append("stage=zero_shot")
+    from .train import config_for_run, run
+
+    try:
+        cfg = config_for_run(args.config, overrides, str(args.out) if args.out else None)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.adapter is not None:
+        if not (args.adapter / "adapter_config.json").is_file():
+            print(f"error: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)", file=sys.stderr)
+            return 2
+        # Evaluate only: the training stage is marked done so `run` goes straight to evaluation.
+        cfg.output.dir = str(args.out or Path("results") / "eval" / cfg.output.cell_id)
+        return _evaluate_adapter(cfg, args.adapter)
+    return run(cfg)
+
+
+def _evaluate_adapter(cfg: ExperimentConfig, adapter: Path) -> int:
+    from .train import RunRecord
+
+    record = RunRecord(cfg)
+    record.update()
+    try:
+        evaluation = evaluate_run(cfg, adapter=adapter)
+        record.mark_stage_done("eval", eval=evaluation, status="complete", adapter=str(adapter.resolve()))
+    except BaseException as err:
+        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    print(f"wrote {record.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

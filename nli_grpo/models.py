@@ -1,0 +1,229 @@
+"""Base models (bf16 / AWQ / bnb-4bit), the LoRA config, and local stand-ins that need no download:
+a tiny random Qwen2 for CPU smoke runs and tests, and random-weight models with the real Qwen2.5
+shapes for memory and speed checks.
+
+Every model goes through one loading path, `load_base_model`: the stand-ins are first written to a
+local folder (`resolve_model_path`) and then loaded like a hub checkpoint, so tests exercise the
+code a GPU job runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .config import ExperimentConfig, LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+#: Public config.json shapes of the Qwen2.5 Instruct checkpoints (paper-facts.md).
+QWEN25_SHAPES = {
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
+    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8),
+    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8),
+}
+QWEN25_COMMON = dict(
+    vocab_size=152064, hidden_act="silu", rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+)
+# Head dim 64: vLLM's CPU attention rejects 16 (platform-notes.md).
+# initializer_range 0.1 (Qwen: 0.02) gives the tiny model peaked, not uniform, next-token
+# distributions, so a few LoRA updates visibly move what it samples (the learning-signal test).
+TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, initializer_range=0.1)
+#: Bumped whenever the tiny model or its tokenizer changes, so caches rebuild.
+TINY_VERSION = 2
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_VOCAB_SIZE = 512
+
+
+def chat_template() -> str:
+    """The Qwen2.5 Instruct chat template (Jinja), as shipped in its tokenizer_config.json."""
+    return resources.files("nli_grpo.assets").joinpath("qwen2_5_chat_template.jinja").read_text()
+
+
+def model_key(name_or_path: str) -> str:
+    """Short model name for cell ids and tables: `Qwen/Qwen2.5-7B-Instruct-AWQ` -> `qwen2.5-7b`."""
+    if name_or_path == "tiny":
+        return "tiny"
+    if name_or_path.startswith("random:"):
+        return name_or_path.split(":", 1)[1] + "-random"
+    name = Path(name_or_path.rstrip("/")).name.lower()
+    for suffix in ("-awq", "-gptq-int4", "-bnb-4bit", "-instruct"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NLI_GRPO_CACHE", Path.home() / ".cache" / "nli_grpo"))
+
+
+def _tokenizer_corpus() -> list[str]:
+    from .prompts import LABELS, SYSTEM_PROMPT, USER_TEMPLATE
+
+    words = " ".join(LABELS)
+    base = [SYSTEM_PROMPT, USER_TEMPLATE, f"<think>{words}</think>", *(f"<answer>{w}</answer>" for w in LABELS)]
+    prose = ("A man is playing a guitar on stage. The woman is not sleeping. Two dogs run across the "
+             "field while children watch. Nobody is outside. The premise does not mention the weather.")
+    return base * 20 + [prose] * 20
+
+
+def build_tiny_tokenizer():
+    """A small byte-level BPE tokenizer trained on the prompt text, with Qwen's special tokens and
+    chat template, so prompts render exactly as they do for Qwen2.5 (only the ids differ)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        chat_template=chat_template(), model_max_length=32768,
+    )
+
+
+def _qwen2_config(shape: dict, vocab_size: int, tokenizer=None):
+    from transformers import Qwen2Config
+
+    common = dict(QWEN25_COMMON, vocab_size=vocab_size, **shape)
+    if tokenizer is not None:
+        common.update(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if vocab_size < 10_000:
+        common["max_position_embeddings"] = 4096
+    return Qwen2Config(**common)
+
+
+def _write_random_model(target: Path, name: str, seed: int = 0) -> None:
+    """Write a randomly initialised Qwen2 checkpoint + tokenizer folder, atomically (build in a
+    temp folder, rename), so concurrent jobs never see a half-written model."""
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    if name == "tiny":
+        config, dtype = _qwen2_config(TINY_SHAPE, len(tokenizer), tokenizer), torch.float32
+    else:
+        config, dtype = _qwen2_config(QWEN25_SHAPES[name], QWEN25_COMMON["vocab_size"], tokenizer), torch.bfloat16
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() and name != "tiny" else "cpu"
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "nli_grpo_stand_in.json").write_text(json.dumps({"name": name, "seed": seed, "random_weights": True}))
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub id or folder as given; `tiny` and `random:<shape>` are built once into the cache."""
+    if name_or_path == "tiny" or name_or_path.startswith("random:"):
+        name = name_or_path.split(":", 1)[-1]
+        if name != "tiny" and name not in QWEN25_SHAPES:
+            raise ValueError(f"unknown random model shape {name!r}; choose one of: {', '.join(QWEN25_SHAPES)}")
+        target = cache_dir() / "models" / (f"tiny-v{TINY_VERSION}" if name == "tiny" else name)
+        if not (target / "config.json").exists():
+            log.info("building stand-in model %s in %s", name, target)
+            _write_random_model(target, name)
+        return str(target)
+    return name_or_path
+
+
+def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """bf16 on GPUs; AWQ kernels compute in fp16; fp32 on the CPU (fast there and exact)."""
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.float16 if model_cfg.quantization == "awq" else torch.bfloat16
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(model_cfg.name_or_path), revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model_cfg: ModelConfig):
+    """The frozen base model in the config's quantization.
+
+    - bf16: the checkpoint as is, in `compute_dtype`.
+    - awq: a pre-quantised AWQ checkpoint; transformers 5 reads its quantization_config and loads
+      it through gptqmodel (AutoAWQ is archived). Needs a CUDA GPU and `pip install gptqmodel`.
+    - bnb4: bitsandbytes NF4 with double quantisation, quantised at load time (QLoRA)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    dtype = compute_dtype(model_cfg)
+    kwargs = dict(
+        dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=model_cfg.attn_implementation,
+    )
+    if model_cfg.quantization == "bnb4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif model_cfg.quantization == "awq":
+        _require_awq_backend()
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if model_cfg.quantization == "awq" and getattr(model.config, "quantization_config", None) is None:
+        raise ValueError(f"model.quantization=awq but {model_cfg.name_or_path} has no quantization_config: "
+                         "point model.name_or_path at a pre-quantised AWQ checkpoint (e.g. Qwen/Qwen2.5-7B-Instruct-AWQ)")
+    model.config.use_cache = not model_cfg.gradient_checkpointing
+    return model
+
+
+def _require_awq_backend() -> None:
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("AWQ checkpoints need a CUDA GPU (gptqmodel's AWQ kernels); use model.quantization=bf16 or bnb4 on this machine")
+    if importlib.util.find_spec("gptqmodel") is None:
+        raise RuntimeError("loading AWQ checkpoints needs gptqmodel: pip install 'nli_grpo[gpu]' (or pip install gptqmodel)")
+
+
+def peft_lora_config(lora: LoraConfig):
+    """PEFT LoraConfig from ours: alpha = rank unless set, no bias, causal-LM task."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def describe(cfg: ExperimentConfig) -> dict:
+    """What the result records about the model beyond the config: the resolved path and dtype."""
+    path = resolve_model_path(cfg.model.name_or_path)
+    stand_in = Path(path, "nli_grpo_stand_in.json")
+    return {
+        "key": cfg.model.key or model_key(cfg.model.name_or_path),
+        "path": path,
+        "compute_dtype": str(compute_dtype(cfg.model)).removeprefix("torch."),
+        "random_weights": stand_in.exists(),
+    }

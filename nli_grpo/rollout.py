@@ -1,0 +1,173 @@
+"""GRPO rollouts with vLLM by LoRA adapter hot-swap.
+
+vLLM holds the frozen base model once. After each policy update the trainer saves only the LoRA
+adapter (megabytes) and hands vLLM a new `LoRARequest` for it; the previous version is dropped from
+vLLM and from disk. TRL's own vLLM sync instead merges the adapter into the base and pushes every
+weight: a cost that does not shrink with the rank, lossy on bnb-4bit bases, impossible on AWQ bases
+and broken on vLLM's CPU backend (platform-notes.md). With hot-swap every cell of the grid
+(bf16 / AWQ / bnb-4bit) gets vLLM rollouts.
+
+The hook is TRL's `GRPOTrainer._generate_single_turn`: prompt token ids in, completion token ids
+(and the sampled tokens' logprobs) out; everything else, rewards, advantages and the loss, is TRL's.
+
+Scope: colocated, one training process (vLLM and the trainer share the GPU). For multi-GPU
+training or a 32B policy that needs the whole GPU, the scale-out path is vLLM on its own GPU/node
+(`trl vllm-serve`); TRL's server client syncs merged weights, not adapters, and vLLM's server
+`load_lora_adapter` endpoint needs a shared file system: not wired yet, so `rollout.backend=vllm`
+is refused with several GPUs per job (config validation says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ExperimentConfig
+from .models import compute_dtype, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+#: LoRA ranks vLLM's kernels are built for; max_lora_rank must be one of them.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+ADAPTERS_DIRNAME = "rollout_adapters"
+# Rough weight footprint (bytes per parameter) for the derived vLLM memory share.
+_BYTES_PER_PARAM = {"bf16": 2.0, "awq": 0.6, "bnb4": 0.6}
+_PARAMS_B = {"qwen2.5-7b": 7.6, "qwen2.5-14b": 14.8, "qwen2.5-32b": 32.8}
+
+
+def vllm_max_lora_rank(cfg: ExperimentConfig) -> int:
+    wanted = cfg.rollout.max_lora_rank or cfg.lora.rank
+    return next(r for r in VLLM_LORA_RANKS if r >= wanted)
+
+
+def derived_memory_share(cfg: ExperimentConfig, purpose: str) -> float:
+    """vLLM's share of device memory when the config leaves it unset.
+
+    Evaluation has the GPU to itself (eval.gpu_memory_utilization). Colocated rollouts share it
+    with training: the base weights plus a KV cache of ~6 GiB, as a share of the GPU (never below
+    0.15 or above 0.6). On vLLM's CPU backend the share is of host memory: 0.2 (0.9 fails)."""
+    if not torch.cuda.is_available():
+        return 0.2
+    if purpose == "eval":
+        return cfg.eval.gpu_memory_utilization
+    if cfg.rollout.gpu_memory_utilization:
+        return cfg.rollout.gpu_memory_utilization
+    from .models import model_key
+
+    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    key = model_key(cfg.model.name_or_path).removesuffix("-random")
+    weights = _PARAMS_B.get(key, 8.0) * _BYTES_PER_PARAM[cfg.model.quantization]
+    return round(min(0.6, max(0.15, (weights + 6.0) / total_gib)), 3)
+
+
+def build_llm(cfg: ExperimentConfig, purpose: str, enable_lora: bool):
+    """A vLLM engine on the run's base model, for `purpose` "rollout" (colocated with training)
+    or "eval" (alone)."""
+    from vllm import LLM
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    if purpose == "eval":
+        max_len = cfg.eval.max_model_len
+    else:
+        max_len = cfg.rollout.max_model_len or cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length
+    kwargs = dict(
+        model=path, tokenizer=path, revision=cfg.model.revision, seed=cfg.seed,
+        dtype=str(compute_dtype(cfg.model)).removeprefix("torch."),
+        max_model_len=max_len, gpu_memory_utilization=derived_memory_share(cfg, purpose),
+        enforce_eager=cfg.rollout.enforce_eager, trust_remote_code=cfg.model.trust_remote_code,
+        enable_lora=enable_lora,
+    )
+    if enable_lora:
+        kwargs.update(max_lora_rank=vllm_max_lora_rank(cfg), max_loras=1)
+    if cfg.model.quantization == "bnb4":
+        # vLLM quantises the bf16 checkpoint with bitsandbytes at load time, like the trainer.
+        kwargs["quantization"] = "bitsandbytes"
+    # AWQ: vLLM reads the checkpoint's quantization_config itself.
+    log.info("starting vLLM (%s): %s", purpose, {k: v for k, v in kwargs.items() if k != "tokenizer"})
+    return LLM(**kwargs)
+
+
+class AdapterHotSwap:
+    """Publishes the trainer's current LoRA adapter to vLLM as a new LoRARequest per policy
+    version, and retires the previous version from vLLM and from disk."""
+
+    def __init__(self, llm, folder: Path):
+        self.llm = llm
+        self.folder = folder
+        self.request = None
+        self.version_step: int | None = None
+        self.bytes_last_sync = 0
+        self.seconds_last_sync = 0.0
+
+    def sync(self, peft_model, step: int):
+        """Make vLLM serve the adapter as it is now (at optimizer step `step`); idempotent."""
+        import time
+
+        from vllm.lora.request import LoRARequest
+
+        if self.version_step == step and self.request is not None:
+            return self.request
+        started = time.perf_counter()
+        path = self.folder / f"step-{step:08d}"
+        if path.exists():
+            shutil.rmtree(path)
+        peft_model.save_pretrained(str(path))
+        previous = self.request
+        # lora_int_id must be unique and > 0 per version: a reused id would serve vLLM's cached
+        # (stale) weights.
+        self.request = LoRARequest(f"policy-step-{step}", step + 1, str(path))
+        self.version_step = step
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.bytes_last_sync = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        self.seconds_last_sync = time.perf_counter() - started
+        return self.request
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def make_vllm_trainer_class(base):
+    """`base` (a GRPOTrainer subclass) with rollouts generated by colocated vLLM."""
+    from vllm import SamplingParams
+
+    class VLLMRolloutTrainer(base):
+        def configure_rollout(self, cfg: ExperimentConfig) -> None:
+            self.rollout_cfg = cfg
+            self.llm = build_llm(cfg, purpose="rollout", enable_lora=True)
+            self.hot_swap = AdapterHotSwap(self.llm, Path(cfg.output.dir) / ADAPTERS_DIRNAME)
+
+        def current_lora_request(self):
+            peft_model = self.accelerator.unwrap_model(self.model)
+            return self.hot_swap.sync(peft_model, self.state.global_step)
+
+        def rollout_generate(self, prompt_ids: list[list[int]], sampling_params) -> list:
+            """vLLM generation with the current policy; one output per prompt id list."""
+            request = self.current_lora_request()
+            return self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params,
+                                     lora_request=request, use_tqdm=False)
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            g = self.rollout_cfg.grpo
+            # TRL already repeated each prompt num_generations times: one sample per entry.
+            params = SamplingParams(
+                n=1, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, max_tokens=g.max_completion_length,
+                logprobs=0, repetition_penalty=1.0, skip_special_tokens=True,
+            )
+            outputs = self.rollout_generate(prompt_ids, params)
+            completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
+            logprobs = [[lp[tok].logprob for lp, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs]
+            self._metrics["train"]["rollout/sync_bytes"].append(float(self.hot_swap.bytes_last_sync))
+            self._metrics["train"]["rollout/sync_seconds"].append(self.hot_swap.seconds_last_sync)
+            return completion_ids, logprobs
+
+    return VLLMRolloutTrainer
+
+
+def trainer_class_for(cfg: ExperimentConfig, base):
+    """The trainer class for the recipe's rollout backend: TRL's HF generate or vLLM hot-swap."""
+    return make_vllm_trainer_class(base) if cfg.rollout.backend == "vllm" else base

@@ -1,0 +1,381 @@
+"""The dataset registry: local files in each hub schema, filtering, labels, ids, errors, samples.
+
+Every test reads files it writes itself (or the shipped samples); nothing touches the network."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import datasets
+import pandas as pd
+import pytest
+
+from nli_grpo import data
+from nli_grpo.data import (
+    BENCHMARK_NAMES,
+    BENCHMARKS,
+    TRAIN_SOURCES,
+    DataSchemaError,
+    DataUnavailableError,
+    UnknownDatasetError,
+    load_benchmark,
+    load_train_source,
+    samples_dir,
+)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_tsv(path, rows):
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def write_parquet(path, rows, features=None):
+    """Through `datasets`, so ClassLabel features travel in the file as they do on the hub."""
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+    return path
+
+
+def hans_row(heuristic, subcase, label, premise="The doctor saw the lawyer ."):
+    return {
+        "premise": premise, "hypothesis": "The lawyer saw the doctor .", "label": label,
+        "parse_premise": "(ROOT)", "parse_hypothesis": "(ROOT)",
+        "binary_parse_premise": "( )", "binary_parse_hypothesis": "( )",
+        "heuristic": heuristic, "subcase": subcase, "template": "temp1",
+    }
+
+
+# ---------------------------------------------------------------- registry
+
+def test_registry_has_the_13_sets_with_the_papers_sizes():
+    assert tuple(BENCHMARKS) == BENCHMARK_NAMES
+    sizes = {name: spec.expected_n for name, spec in BENCHMARKS.items()}
+    assert sizes == {
+        "anli_r1": 1000, "anli_r2": 1000, "anli_r3": 1200, "snli": 9824, "mnli_mm": 9832,
+        "hans_lexical_overlap": 10000, "hans_subsequence": 10000, "hans_constituent": 10000,
+        "counter_nli": 1600, "diag_knowledge": 284, "diag_logic": 364,
+        "diag_lexical_semantics": 368, "diag_predicate_argument": 424,
+    }
+    assert {name for name, spec in BENCHMARKS.items() if spec.scoring == data.HANS} == {
+        "hans_lexical_overlap", "hans_subsequence", "hans_constituent"
+    }
+    assert BENCHMARKS["mnli_mm"].hub_location == (
+        "nyu-mll/glue (config mnli, split validation_mismatched)"
+    )
+
+
+def test_train_sources_are_the_anli_train_rounds():
+    locations = {name: (spec.hub_id, spec.hub_config, spec.split)
+                 for name, spec in TRAIN_SOURCES.items()}
+    assert locations == {
+        "anli_train_r1": ("facebook/anli", "plain_text", "train_r1"),
+        "anli_train_r2": ("facebook/anli", "plain_text", "train_r2"),
+        "anli_train_r3": ("facebook/anli", "plain_text", "train_r3"),
+    }
+
+
+def test_specs_are_frozen():
+    with pytest.raises(AttributeError):
+        BENCHMARKS["snli"].split = "train"
+
+
+# ---------------------------------------------------------------- three-way sets
+
+def test_anli_keeps_uid_as_id_and_label_ids(tmp_path):
+    write_jsonl(tmp_path / "anli_r2.jsonl", [
+        {"uid": "a1", "premise": "P1", "hypothesis": "H1", "label": 2, "reason": "r"},
+        {"uid": "b2", "premise": "P2", "hypothesis": "H2", "label": 0, "reason": ""},
+    ])
+    loaded = load_benchmark("anli_r2", local_dir=tmp_path, hub=False)
+    assert loaded.dataset.column_names == ["id", "premise", "hypothesis", "label"]
+    assert loaded.dataset.to_list() == [
+        {"id": "a1", "premise": "P1", "hypothesis": "H1", "label": 2},
+        {"id": "b2", "premise": "P2", "hypothesis": "H2", "label": 0},
+    ]
+    assert loaded.source == str(tmp_path / "anli_r2.jsonl")
+    assert loaded.n_dropped == 0 and len(loaded) == 2
+
+
+def test_snli_drops_rows_without_gold_and_ids_keep_the_source_row(tmp_path, caplog):
+    rows = [{"premise": f"P{i}", "hypothesis": f"H{i}", "label": label}
+            for i, label in enumerate([0, -1, 2, 1, -1])]
+    write_parquet(tmp_path / "snli.parquet", rows)
+    with caplog.at_level(logging.INFO, logger="nli_grpo.data"):
+        loaded = load_benchmark("snli", local_dir=tmp_path, hub=False)
+    assert loaded.n_dropped == 2
+    assert loaded.dataset["id"] == ["snli-0", "snli-2", "snli-3"]
+    assert loaded.dataset["label"] == [0, 2, 1]
+    assert "dropped 2" in caplog.text
+
+
+def test_csv_reads_text_like_na_as_text(tmp_path):
+    # pandas would turn "NA" / "null" into missing values by default.
+    pd.DataFrame([
+        {"premise": "NA", "hypothesis": "null", "label": 1, "idx": 0},
+        {"premise": "A man sleeps.", "hypothesis": "A man is awake.", "label": 2, "idx": 1},
+    ]).to_csv(tmp_path / "mnli_mm.csv", index=False)
+    loaded = load_benchmark("mnli_mm", local_dir=tmp_path, hub=False)
+    assert loaded.dataset["premise"] == ["NA", "A man sleeps."]
+    assert loaded.dataset["hypothesis"] == ["null", "A man is awake."]
+
+
+def test_counter_nli_maps_string_gold_labels_and_keeps_every_revised_row(tmp_path):
+    labels = ["contradiction", "neutral", "Entailment", "neutral"]
+    write_tsv(tmp_path / "counter_nli.tsv", [
+        {"sentence1": f"P{i}", "sentence2": f"H{i}", "gold_label": label}
+        for i, label in enumerate(labels)
+    ])
+    loaded = load_benchmark("counter_nli", local_dir=tmp_path, hub=False)
+    assert loaded.dataset["premise"] == ["P0", "P1", "P2", "P3"]
+    assert loaded.dataset["hypothesis"] == ["H0", "H1", "H2", "H3"]
+    assert loaded.dataset["label"] == [2, 1, 0, 1]
+    assert loaded.dataset["id"] == [f"counter_nli-{i}" for i in range(4)]
+
+
+def test_unknown_label_is_a_schema_error_naming_the_value(tmp_path):
+    write_jsonl(tmp_path / "counter_nli.jsonl", [
+        {"sentence1": "P", "sentence2": "H", "gold_label": "maybe"},
+    ])
+    with pytest.raises(DataSchemaError, match="'maybe'.*entailment"):
+        load_benchmark("counter_nli", local_dir=tmp_path, hub=False)
+
+
+def test_missing_column_is_a_schema_error_naming_it(tmp_path):
+    write_jsonl(tmp_path / "snli.jsonl", [{"sentence1": "P", "sentence2": "H", "label": 0}])
+    with pytest.raises(DataSchemaError, match="no column 'premise'.*stanfordnlp/snli"):
+        load_benchmark("snli", local_dir=tmp_path, hub=False)
+
+
+def test_limit_takes_the_first_rows_after_filtering(tmp_path):
+    rows = [{"premise": f"P{i}", "hypothesis": "H", "label": label}
+            for i, label in enumerate([-1, 0, 1, 2, 0])]
+    write_jsonl(tmp_path / "snli.jsonl", rows)
+    loaded = load_benchmark("snli", local_dir=tmp_path, hub=False, limit=2)
+    assert loaded.dataset["id"] == ["snli-1", "snli-2"]
+    assert loaded.n_dropped == 1
+    with pytest.raises(ValueError, match="limit"):
+        load_benchmark("snli", local_dir=tmp_path, hub=False, limit=0)
+
+
+# ---------------------------------------------------------------- HANS
+
+def test_hans_splits_the_shared_file_by_heuristic_and_keeps_subcases(tmp_path):
+    rows = [
+        hans_row("lexical_overlap", "ln_subject/object_swap", 1),
+        hans_row("subsequence", "sn_NP/S", 1),
+        hans_row("constituent", "ce_adverb", 0),
+        hans_row("lexical_overlap", "le_passive", 0),
+        hans_row("constituent", "cn_after_if_clause", 1),
+    ]
+    write_parquet(tmp_path / "hans.parquet", rows, features=datasets.Features({
+        **{key: datasets.Value("string") for key in rows[0]},
+        "label": datasets.ClassLabel(names=["entailment", "non-entailment"]),
+    }))
+    lexical = load_benchmark("hans_lexical_overlap", local_dir=tmp_path, hub=False)
+    constituent = load_benchmark("hans_constituent", local_dir=tmp_path, hub=False)
+    subsequence = load_benchmark("hans_subsequence", local_dir=tmp_path, hub=False)
+
+    assert lexical.dataset.column_names == [
+        "id", "premise", "hypothesis", "label", "heuristic", "subcase"
+    ]
+    assert lexical.dataset["id"] == ["hans_lexical_overlap-0", "hans_lexical_overlap-3"]
+    assert lexical.dataset["subcase"] == ["ln_subject/object_swap", "le_passive"]
+    assert lexical.dataset["label"] == [1, 0]
+    assert constituent.dataset["subcase"] == ["ce_adverb", "cn_after_if_clause"]
+    assert constituent.dataset["label"] == [0, 1]
+    assert subsequence.dataset["heuristic"] == ["subsequence"]
+    assert lexical.source == constituent.source == str(tmp_path / "hans.parquet")
+
+
+def test_hans_accepts_label_names(tmp_path):
+    write_jsonl(tmp_path / "hans.jsonl", [
+        hans_row("subsequence", "se_adjective", "entailment"),
+        hans_row("subsequence", "sn_PP_on_subject", "non-entailment"),
+    ])
+    loaded = load_benchmark("hans_subsequence", local_dir=tmp_path, hub=False)
+    assert loaded.dataset["label"] == [0, 1]
+
+
+def test_a_file_named_after_the_benchmark_wins_over_the_shared_one(tmp_path):
+    write_jsonl(tmp_path / "hans.jsonl", [hans_row("subsequence", "sn_NP/S", 1, premise="shared")])
+    write_jsonl(tmp_path / "hans_subsequence.jsonl",
+                [hans_row("subsequence", "sn_NP/S", 1, premise="own")])
+    loaded = load_benchmark("hans_subsequence", local_dir=tmp_path, hub=False)
+    assert loaded.dataset["premise"] == ["own"]
+
+
+# ---------------------------------------------------------------- GLUE diagnostics
+
+DIAG_ROWS = [  # premise, LS, PAS, logic, knowledge, label
+    ("only lexical semantics", "Lexical entailment", "", "", "", "entailment"),
+    ("only predicate-argument", "", "Active/Passive", "", "", "neutral"),
+    ("lexical semantics and logic", "Quantifiers", "", "Universal", "", "contradiction"),
+    ("in no category", "", "", "", "", "entailment"),
+    ("knowledge and predicate-argument", "", "Anaphora/Coreference", "", "Common sense", "neutral"),
+]
+
+
+def test_diagnostic_subsets_come_from_their_own_columns(tmp_path):
+    # The original GLUE diagnostic TSV header; empty cells are missing values.
+    write_tsv(tmp_path / "glue_diagnostics.tsv", [
+        {"Lexical Semantics": ls, "Predicate-Argument Structure": pas, "Logic": logic,
+         "Knowledge": knowledge, "Domain": "Artificial", "Premise": premise,
+         "Hypothesis": "H", "Label": label}
+        for premise, ls, pas, logic, knowledge, label in DIAG_ROWS
+    ])
+
+    def premises(name):
+        return load_benchmark(name, local_dir=tmp_path, hub=False).dataset["premise"]
+
+    # The authors' code swapped these two; each must hold the rows of its own column.
+    assert premises("diag_lexical_semantics") == [
+        "only lexical semantics", "lexical semantics and logic"
+    ]
+    assert premises("diag_predicate_argument") == [
+        "only predicate-argument", "knowledge and predicate-argument"
+    ]
+    assert premises("diag_logic") == ["lexical semantics and logic"]
+    assert premises("diag_knowledge") == ["knowledge and predicate-argument"]
+
+
+def test_diagnostic_rows_list_all_their_categories(tmp_path):
+    write_jsonl(tmp_path / "glue_diagnostics.jsonl", [
+        {"premise": premise, "hypothesis": "H", "label": label, "lexical_semantics": ls or None,
+         "predicate_argument_structure": pas, "logic": logic, "knowledge": knowledge,
+         "domain": "News"}
+        for premise, ls, pas, logic, knowledge, label in DIAG_ROWS
+    ])
+    logic = load_benchmark("diag_logic", local_dir=tmp_path, hub=False)
+    assert logic.dataset["categories"] == [["lexical_semantics", "logic"]]
+    assert logic.dataset["id"] == ["diag_logic-2"]
+    assert logic.dataset["label"] == [2]
+    knowledge = load_benchmark("diag_knowledge", local_dir=tmp_path, hub=False)
+    assert knowledge.dataset["categories"] == [["predicate_argument", "knowledge"]]
+
+
+def test_diagnostic_classlabel_ids_are_read_through_their_names(tmp_path):
+    # A ClassLabel whose class order differs from ours must not shift the labels.
+    names = ["contradiction", "entailment", "neutral"]
+    rows = [
+        {"premise": premise, "hypothesis": "H", "label": names.index(label),
+         "lexical_semantics": ls, "predicate_argument_structure": pas, "logic": logic,
+         "knowledge": knowledge, "domain": ""}
+        for premise, ls, pas, logic, knowledge, label in DIAG_ROWS
+    ]
+    features = datasets.Features({
+        **{key: datasets.Value("string") for key in rows[0]},
+        "label": datasets.ClassLabel(names=names),
+    })
+    write_parquet(tmp_path / "glue_diagnostics.parquet", rows, features)
+    loaded = load_benchmark("diag_lexical_semantics", local_dir=tmp_path, hub=False)
+    assert loaded.dataset["label"] == [0, 2]  # entailment, contradiction
+
+
+# ---------------------------------------------------------------- resolution and errors
+
+def test_files_mapping_names_a_file_for_a_set_or_for_its_shared_stem(tmp_path):
+    shared = write_jsonl(tmp_path / "anything.jsonl", [hans_row("constituent", "ce_adverb", 0)])
+    loaded = load_benchmark("hans_constituent", files={"hans": shared}, hub=False)
+    assert loaded.source == str(shared) and len(loaded) == 1
+
+    own = write_jsonl(tmp_path / "my_snli.jsonl", [{"premise": "P", "hypothesis": "H", "label": 1}])
+    # An explicit file wins over local_dir.
+    assert load_benchmark("snli", files={"snli": own}, local_dir="samples").source == str(own)
+
+
+def test_a_missing_explicit_file_is_an_error_not_a_fallback(tmp_path):
+    with pytest.raises(DataUnavailableError, match="does not exist"):
+        load_benchmark("snli", files={"snli": tmp_path / "nope.jsonl"}, local_dir="samples")
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(UnknownDatasetError, match="anli_r1, anli_r2.*diag_predicate_argument"):
+        load_benchmark("anli_r4")
+    with pytest.raises(ValueError, match="anli_train_r1, anli_train_r2, anli_train_r3"):
+        load_train_source("anli_r1")
+
+
+def test_no_local_file_and_no_hub_says_what_was_looked_for_and_how_to_fix(tmp_path):
+    with pytest.raises(DataUnavailableError) as error:
+        load_benchmark("diag_logic", local_dir=tmp_path, hub=False)
+    message = str(error.value)
+    assert str(tmp_path) in message
+    for name in ("diag_logic.jsonl", "glue_diagnostics.parquet", "glue_diagnostics.tsv"):
+        assert name in message
+    assert "data.local_dir" in message and "allow the hub" in message
+    assert "pietrolesci/glue_diagnostics" in message
+
+    with pytest.raises(DataUnavailableError, match="no local folder was given.*snli.jsonl"):
+        load_benchmark("snli", hub=False)
+
+
+def test_hub_failure_is_reported_with_its_cause(monkeypatch, tmp_path):
+    # The hub is out of reach here; stand in for its failure.
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(data.datasets, "load_dataset", unreachable)
+    with pytest.raises(DataUnavailableError, match="ConnectionError: no network") as error:
+        load_benchmark("anli_r3", local_dir=tmp_path)
+    assert isinstance(error.value.__cause__, ConnectionError)
+
+
+def test_hub_is_asked_for_the_specs_id_config_and_split(monkeypatch, caplog):
+    # Stand in for the hub with a two-row split in the hub's own types (ClassLabel, -1).
+    calls = []
+
+    def fake_hub(path, name=None, *, split):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(
+            [{"premise": "P", "hypothesis": "H", "label": 0, "idx": 0},
+             {"premise": "P", "hypothesis": "H", "label": -1, "idx": 1}],
+            features=datasets.Features({
+                "premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]),
+                "idx": datasets.Value("int32"),
+            }),
+        )
+
+    monkeypatch.setattr(data.datasets, "load_dataset", fake_hub)
+    with caplog.at_level(logging.WARNING, logger="nli_grpo.data"):
+        loaded = load_benchmark("mnli_mm")
+    assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
+    assert loaded.source == "nyu-mll/glue (config mnli, split validation_mismatched)"
+    assert loaded.dataset["label"] == [0] and loaded.n_dropped == 1
+    assert "the paper used 9832" in caplog.text
+
+
+# ---------------------------------------------------------------- shipped samples
+
+@pytest.mark.parametrize("name", BENCHMARK_NAMES)
+def test_every_benchmark_loads_from_the_shipped_samples(name):
+    loaded = load_benchmark(name, local_dir="samples", hub=False)
+    table = loaded.dataset.to_pandas()
+    assert len(table) >= 4
+    assert table["id"].is_unique
+    assert (table["premise"].str.len() > 0).all() and (table["hypothesis"].str.len() > 0).all()
+    assert set(table["label"]) <= set(range(len(loaded.spec.label_names)))
+    assert loaded.source.startswith(str(samples_dir()))
+
+
+@pytest.mark.parametrize("name", list(TRAIN_SOURCES))
+def test_every_train_source_loads_from_the_shipped_samples(name):
+    loaded = load_train_source(name, local_dir="samples", hub=False)
+    assert set(loaded.dataset["label"]) == {0, 1, 2}
+    assert len(set(loaded.dataset["id"])) == len(loaded)
+
+
+def test_samples_exercise_what_the_real_sets_have():
+    assert len(load_train_source("anli_train_r1", local_dir="samples", hub=False)) == 48
+    assert load_benchmark("snli", local_dir="samples", hub=False).n_dropped == 1
+    for heuristic in ("lexical_overlap", "subsequence", "constituent"):
+        hans = load_benchmark(f"hans_{heuristic}", local_dir="samples", hub=False).dataset
+        assert len(set(hans["subcase"])) >= 4 and set(hans["label"]) == {0, 1}
+    diag = [row for name in BENCHMARK_NAMES if name.startswith("diag_")
+            for row in load_benchmark(name, local_dir="samples", hub=False).dataset]
+    assert any(len(row["categories"]) > 1 for row in diag)
