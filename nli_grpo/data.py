@@ -43,10 +43,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
+from typing import TYPE_CHECKING
+
 import pandas as pd
 
 from nli_grpo.prompts import LABELS
+
+if TYPE_CHECKING:  # imported where used: `datasets` costs 0.3 s, and the aggregator only needs names
+    import datasets
 
 #: The 13 evaluation sets, in the order tables show them (DESIGN.md contract).
 BENCHMARK_NAMES = (
@@ -89,8 +93,8 @@ class BenchmarkSpec:
 
     name: str
     """Registry key, and the stem of a local file that holds only this set."""
-    hub_id: str
-    """Hugging Face hub dataset id."""
+    hub_id: str | None
+    """Hugging Face hub dataset id; None for a set that only exists locally (the hard pool)."""
     hub_config: str | None
     """Hub config (subset) name; None for the dataset's default config."""
     split: str
@@ -187,6 +191,9 @@ TRAIN_SOURCES: dict[str, BenchmarkSpec] = {
         _anli("anli_train_r1", "train_r1", 16946),
         _anli("anli_train_r2", "train_r2", 45460),
         _anli("anli_train_r3", "train_r3", 100459),
+        # The paper's private pool of ANLI train items hard for Qwen2.5-7B, rebuilt by
+        # `python -m nli_grpo.bootstrap` in the ANLI schema (plus its sampling statistics).
+        BenchmarkSpec("anli_hard", None, None, "train", 0, id_column="uid"),
     )
 }
 
@@ -276,6 +283,8 @@ def _load(
     hub: bool,
     limit: int | None,
 ) -> BenchmarkData:
+    import datasets
+
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of rows or None, got {limit!r}.")
     raw, source = _read_source(spec, local_dir, files, hub)
@@ -295,6 +304,8 @@ def _load(
 
 def _features(spec: BenchmarkSpec) -> datasets.Features:
     """The common schema, fixed so that an empty selection still has the right column types."""
+    import datasets
+
     text = datasets.Value("string")
     features = {"id": text, "premise": text, "hypothesis": text, "label": datasets.Value("int64")}
     if spec.scoring == HANS:
@@ -311,6 +322,8 @@ def _read_source(
     hub: bool,
 ) -> tuple[datasets.Dataset, str]:
     """The raw rows and where they came from: an explicit file, a local folder, or the hub."""
+    import datasets
+
     explicit = next((files[stem] for stem in spec.local_stems if files and stem in files), None)
     if explicit is not None:
         path = Path(explicit)
@@ -335,6 +348,12 @@ def _read_source(
         f"Point data.local_dir at a folder holding one of these files in the schema of "
         f"{spec.hub_location}"
     )
+    if spec.hub_id is None:
+        raise DataUnavailableError(
+            f"No data for {spec.name}: {looked_for}. It is not on the hub: build it with "
+            f"`python -m nli_grpo.bootstrap --out DIR/{spec.name}.jsonl`, then set data.local_dir=DIR "
+            f"(or data.files.{spec.name}=PATH)."
+        )
     if not hub:
         raise DataUnavailableError(
             f"No data for {spec.name}: {looked_for}, and the hub is not allowed. "
@@ -352,6 +371,8 @@ def _read_source(
 
 def _read_file(path: Path) -> datasets.Dataset:
     """A local file through the matching `datasets` builder."""
+    import datasets
+
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return datasets.load_dataset("json", data_files=str(path), split="train")
@@ -442,6 +463,8 @@ def _non_empty(value) -> bool:
 
 
 def _class_label_names(feature) -> list[str] | None:
+    import datasets
+
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 

@@ -31,8 +31,8 @@ def _token_budget(prompt_len: int, max_new_tokens: int, max_model_len: int) -> i
 
 
 class HFGenerator:
-    """Greedy generation with transformers, for machines without vLLM. Batches prompts of similar
-    length together (sorted) so little compute goes to padding."""
+    """Generation with transformers, for machines without vLLM. Batches prompts of similar length
+    together (sorted) so little compute goes to padding."""
 
     def __init__(self, cfg: ExperimentConfig, adapter: Path | None):
         from .models import load_base_model, load_tokenizer
@@ -48,35 +48,54 @@ class HFGenerator:
         self.model = model.eval()
 
     def generate(self, prompts: list[str], desc: str) -> list[str]:
+        """Greedy completions, one per prompt (the evaluation protocol)."""
+        return [texts[0] for texts in self._run(prompts, desc, n=1, sample=False)]
+
+    def sample(self, prompts: list[str], n: int, desc: str) -> list[list[str]]:
+        """`n` completions per prompt with the recipe's GRPO sampling settings."""
+        return self._run(prompts, desc, n=n, sample=True)
+
+    def _run(self, prompts: list[str], desc: str, n: int, sample: bool) -> list[list[str]]:
         import torch
         from tqdm.auto import tqdm
 
+        g = self.cfg.grpo
         ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        budgets = [self._budget(len(x), sample) for x in ids]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out: list[str] = [""] * len(ids)
-        size = self.cfg.eval.batch_size
+        out: list[list[str]] = [[] for _ in ids]
+        size = max(1, self.cfg.eval.batch_size // n)
         for start in tqdm(range(0, len(order), size), desc=desc, unit="batch"):
             batch = order[start:start + size]
-            longest = max(len(ids[i]) for i in batch)
-            budget = _token_budget(longest, self.cfg.eval.max_new_tokens, self.cfg.eval.max_model_len)
             enc = self.tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(self.model.device)
+            sampling = dict(do_sample=True, temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p) if sample else dict(do_sample=False)
             with torch.no_grad():
-                gen = self.model.generate(**enc, do_sample=False, max_new_tokens=budget,
+                gen = self.model.generate(**enc, **sampling, num_return_sequences=n, max_new_tokens=max(budgets[i] for i in batch),
                                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-            texts = self.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for i, text in zip(batch, texts):
-                out[i] = text
+            new = gen[:, enc["input_ids"].shape[1]:]
+            for row, i in enumerate(b for b in batch for _ in range(n)):
+                # Each prompt keeps only its own budget: the same tokens it would get alone
+                # (greedy decoding is causal), so a long neighbour changes nothing.
+                out[i].append(self.tokenizer.decode(new[row, :budgets[i]], skip_special_tokens=True))
         return out
+
+    def _budget(self, prompt_len: int, sample: bool) -> int:
+        if sample:
+            return self.cfg.grpo.max_completion_length
+        return _token_budget(prompt_len, self.cfg.eval.max_new_tokens, self.cfg.eval.max_model_len)
 
 
 class VLLMGenerator:
-    """Greedy generation with vLLM; the adapter is served as a LoRA request on the base model."""
+    """Generation with vLLM; the adapter is served as a LoRA request on the base model."""
 
     def __init__(self, cfg: ExperimentConfig, adapter: Path | None):
+        import json
+
         from .rollout import build_llm
 
         self.cfg = cfg
-        self.llm = build_llm(cfg, purpose="eval", enable_lora=adapter is not None)
+        rank = json.loads((adapter / "adapter_config.json").read_text())["r"] if adapter is not None else None
+        self.llm = build_llm(cfg, purpose="eval", lora_rank=rank)
         self.tokenizer = self.llm.get_tokenizer()
         self.lora = None
         if adapter is not None:
@@ -85,14 +104,27 @@ class VLLMGenerator:
             self.lora = LoRARequest("eval_adapter", 1, str(adapter))
 
     def generate(self, prompts: list[str], desc: str) -> list[str]:
+        """Greedy completions, one per prompt (the evaluation protocol)."""
+        return [texts[0] for texts in self._run(prompts, desc, n=1, sample=False)]
+
+    def sample(self, prompts: list[str], n: int, desc: str) -> list[list[str]]:
+        """`n` completions per prompt with the recipe's GRPO sampling settings."""
+        return self._run(prompts, desc, n=n, sample=True)
+
+    def _run(self, prompts: list[str], desc: str, n: int, sample: bool) -> list[list[str]]:
         from vllm import SamplingParams
 
+        g, e = self.cfg.grpo, self.cfg.eval
         ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-        params = [SamplingParams(temperature=0.0, max_tokens=_token_budget(len(x), self.cfg.eval.max_new_tokens, self.cfg.eval.max_model_len),
-                                 skip_special_tokens=True) for x in ids]
-        log.info("%s: generating %d completions", desc, len(ids))
+        if sample:
+            params = SamplingParams(n=n, temperature=g.temperature, top_k=g.top_k or -1, top_p=g.top_p,
+                                    max_tokens=g.max_completion_length, skip_special_tokens=True, seed=self.cfg.seed)
+        else:
+            params = [SamplingParams(temperature=0.0, max_tokens=_token_budget(len(x), e.max_new_tokens, e.max_model_len),
+                                     skip_special_tokens=True) for x in ids]
+        log.info("%s: generating %d x %d completions", desc, len(ids), n)
         outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, lora_request=self.lora, use_tqdm=True)
-        return [o.outputs[0].text for o in outputs]
+        return [[c.text for c in o.outputs] for o in outputs]
 
 
 def make_generator(cfg: ExperimentConfig, adapter: Path | None):

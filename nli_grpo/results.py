@@ -31,6 +31,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 SCHEMA_VERSION = 1
 TOOL = "nli_grpo"
 RESULT_FILENAME = "result.json"
@@ -156,8 +158,9 @@ def read_result(path: str | os.PathLike) -> dict:
     """Parse and validate one result file; raises ResultError naming the file and what is wrong."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        # orjson: aggregating a large sweep is dominated by JSON decoding (3-4x faster than json).
+        doc = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as err:
         raise ResultError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); truncated?") from err
     except OSError as err:
         raise ResultError(f"{path}: cannot read ({err.strerror})") from err

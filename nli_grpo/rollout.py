@@ -38,9 +38,9 @@ _BYTES_PER_PARAM = {"bf16": 2.0, "awq": 0.6, "bnb4": 0.6}
 _PARAMS_B = {"qwen2.5-7b": 7.6, "qwen2.5-14b": 14.8, "qwen2.5-32b": 32.8}
 
 
-def vllm_max_lora_rank(cfg: ExperimentConfig) -> int:
-    wanted = cfg.rollout.max_lora_rank or cfg.lora.rank
-    return next(r for r in VLLM_LORA_RANKS if r >= wanted)
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest LoRA rank vLLM supports that holds `rank`."""
+    return next(r for r in VLLM_LORA_RANKS if r >= rank)
 
 
 def derived_memory_share(cfg: ExperimentConfig, purpose: str) -> float:
@@ -63,9 +63,9 @@ def derived_memory_share(cfg: ExperimentConfig, purpose: str) -> float:
     return round(min(0.6, max(0.15, (weights + 6.0) / total_gib)), 3)
 
 
-def build_llm(cfg: ExperimentConfig, purpose: str, enable_lora: bool):
+def build_llm(cfg: ExperimentConfig, purpose: str, lora_rank: int | None):
     """A vLLM engine on the run's base model, for `purpose` "rollout" (colocated with training)
-    or "eval" (alone)."""
+    or "eval" (alone), serving LoRA adapters up to `lora_rank` (None: no LoRA)."""
     from vllm import LLM
 
     path = resolve_model_path(cfg.model.name_or_path)
@@ -78,10 +78,10 @@ def build_llm(cfg: ExperimentConfig, purpose: str, enable_lora: bool):
         dtype=str(compute_dtype(cfg.model)).removeprefix("torch."),
         max_model_len=max_len, gpu_memory_utilization=derived_memory_share(cfg, purpose),
         enforce_eager=cfg.rollout.enforce_eager, trust_remote_code=cfg.model.trust_remote_code,
-        enable_lora=enable_lora,
+        enable_lora=lora_rank is not None,
     )
-    if enable_lora:
-        kwargs.update(max_lora_rank=vllm_max_lora_rank(cfg), max_loras=1)
+    if lora_rank is not None:
+        kwargs.update(max_lora_rank=vllm_max_lora_rank(max(lora_rank, cfg.rollout.max_lora_rank or 0)), max_loras=1)
     if cfg.model.quantization == "bnb4":
         # vLLM quantises the bf16 checkpoint with bitsandbytes at load time, like the trainer.
         kwargs["quantization"] = "bitsandbytes"
@@ -138,8 +138,15 @@ def make_vllm_trainer_class(base):
     class VLLMRolloutTrainer(base):
         def configure_rollout(self, cfg: ExperimentConfig) -> None:
             self.rollout_cfg = cfg
-            self.llm = build_llm(cfg, purpose="rollout", enable_lora=True)
+            self.llm = build_llm(cfg, purpose="rollout", lora_rank=cfg.lora.rank)
             self.hot_swap = AdapterHotSwap(self.llm, Path(cfg.output.dir) / ADAPTERS_DIRNAME)
+
+        def close_rollout(self) -> None:
+            import gc
+
+            self.hot_swap.close()
+            self.llm = self.hot_swap.llm = None
+            gc.collect()
 
         def current_lora_request(self):
             peft_model = self.accelerator.unwrap_model(self.model)

@@ -335,14 +335,37 @@ def _train_summary(run_dir: Path, trainer, started: float, first_step: int, max_
     }
 
 
+def build_trainer(cfg: ExperimentConfig, stop: StopRequest, reward_funcs=None):
+    """The configured GRPO trainer (HF or vLLM rollouts) and a summary of its training data."""
+    from transformers import set_seed
+
+    from .models import load_base_model, load_tokenizer, peft_lora_config
+    from .rewards import nli_reward
+    from .rollout import trainer_class_for
+
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    dataset, data_info = prompt_dataset(cfg, tokenizer)
+    trainer_cls = trainer_class_for(cfg, make_trainer_class())
+    trainer = trainer_cls(
+        model=load_base_model(cfg.model),
+        reward_funcs=reward_funcs or [nli_reward],
+        args=trl_args(cfg, Path(cfg.output.dir) / CHECKPOINTS_DIRNAME),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_lora_config(cfg.lora),
+        callbacks=_trainer_callbacks(Path(cfg.output.dir), cfg.grpo.save_total_limit, stop),
+    )
+    trainer.skip_zero_advantage_steps = cfg.grpo.skip_zero_advantage_steps
+    if hasattr(trainer, "configure_rollout"):
+        trainer.configure_rollout(cfg)
+    return trainer, data_info
+
+
 def train(cfg: ExperimentConfig, record: RunRecord, stop: StopRequest, reward_funcs=None) -> bool:
     """Run (or resume) GRPO training; True when max_steps were reached, False when stopped by a
     signal after saving. Saves the final adapter to `<output.dir>/adapter`."""
-    from transformers import set_seed
-
-    from .models import describe, load_base_model, load_tokenizer, peft_lora_config
-    from .rewards import nli_reward
-    from .rollout import trainer_class_for
+    from .models import describe
 
     run_dir = Path(cfg.output.dir)
     checkpoint_dir = run_dir / CHECKPOINTS_DIRNAME
@@ -353,29 +376,16 @@ def train(cfg: ExperimentConfig, record: RunRecord, stop: StopRequest, reward_fu
     if resume:
         log.info("resuming from %s", resume)
 
-    set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    dataset, data_info = prompt_dataset(cfg, tokenizer)
-    args = trl_args(cfg, checkpoint_dir)
-    trainer_cls = trainer_class_for(cfg, make_trainer_class())
-    trainer = trainer_cls(
-        model=load_base_model(cfg.model),
-        reward_funcs=reward_funcs or [nli_reward],
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_lora_config(cfg.lora),
-        callbacks=_trainer_callbacks(run_dir, cfg.grpo.save_total_limit, stop),
-    )
-    trainer.skip_zero_advantage_steps = cfg.grpo.skip_zero_advantage_steps
-    if hasattr(trainer, "configure_rollout"):
-        trainer.configure_rollout(cfg)
+    trainer, data_info = build_trainer(cfg, stop, reward_funcs)
+    tokenizer = trainer.processing_class
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.time()
     record.update(model=describe(cfg))
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
+    if hasattr(trainer, "close_rollout"):
+        trainer.close_rollout()  # free vLLM's memory before the evaluation starts its engine
     steps = trainer.state.global_step
     summary = _train_summary(run_dir, trainer, started, first_step, cfg.grpo.max_steps, data_info)
     if steps < cfg.grpo.max_steps:

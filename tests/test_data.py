@@ -69,14 +69,20 @@ def test_registry_has_the_13_sets_with_the_papers_sizes():
     )
 
 
-def test_train_sources_are_the_anli_train_rounds():
+def test_train_sources_are_the_anli_train_rounds_and_the_local_hard_pool():
     locations = {name: (spec.hub_id, spec.hub_config, spec.split)
                  for name, spec in TRAIN_SOURCES.items()}
     assert locations == {
         "anli_train_r1": ("facebook/anli", "plain_text", "train_r1"),
         "anli_train_r2": ("facebook/anli", "plain_text", "train_r2"),
         "anli_train_r3": ("facebook/anli", "plain_text", "train_r3"),
+        "anli_hard": (None, None, "train"),
     }
+
+
+def test_the_hard_pool_is_never_fetched_and_its_error_says_how_to_build_it(tmp_path):
+    with pytest.raises(DataUnavailableError, match="python -m nli_grpo.bootstrap"):
+        load_train_source("anli_hard", local_dir=tmp_path, hub=True)
 
 
 def test_specs_are_frozen():
@@ -319,7 +325,7 @@ def test_hub_failure_is_reported_with_its_cause(monkeypatch, tmp_path):
     def unreachable(*args, **kwargs):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(data.datasets, "load_dataset", unreachable)
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(DataUnavailableError, match="ConnectionError: no network") as error:
         load_benchmark("anli_r3", local_dir=tmp_path)
     assert isinstance(error.value.__cause__, ConnectionError)
@@ -341,7 +347,7 @@ def test_hub_is_asked_for_the_specs_id_config_and_split(monkeypatch, caplog):
             }),
         )
 
-    monkeypatch.setattr(data.datasets, "load_dataset", fake_hub)
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
     with caplog.at_level(logging.WARNING, logger="nli_grpo.data"):
         loaded = load_benchmark("mnli_mm")
     assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
@@ -363,7 +369,7 @@ def test_every_benchmark_loads_from_the_shipped_samples(name):
     assert loaded.source.startswith(str(samples_dir()))
 
 
-@pytest.mark.parametrize("name", list(TRAIN_SOURCES))
+@pytest.mark.parametrize("name", [n for n in TRAIN_SOURCES if n != "anli_hard"])
 def test_every_train_source_loads_from_the_shipped_samples(name):
     loaded = load_train_source(name, local_dir="samples", hub=False)
     assert set(loaded.dataset["label"]) == {0, 1, 2}
