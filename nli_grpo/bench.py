@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .config import ExperimentConfig
 from .data import BENCHMARK_NAMES
-from .results import RESULT_FILENAME, SCHEMA_VERSION, TOOL, TRAIN_LOG_FILENAME
+from .results import RESULT_FILENAME, SCHEMA_VERSION, TOOL, TRAIN_LOG_FILENAME, package_versions
 
 BENCHMARKS: dict[str, Callable[[Path], dict]] = {}
 
@@ -69,29 +70,24 @@ def synthetic_result(sweep: str, model: str, quantization: str, lora_rank: int |
             evals[name] = entry
     stage = "zero_shot" if lora_rank is None else "grpo"
     cell_id = f"{model}__{quantization}__{'zs' if lora_rank is None else f'r{lora_rank}'}__s{seed}"
-    config = {
-        "stage": stage, "seed": seed,
-        "model": {"name_or_path": f"Qwen/{model}-Instruct", "quantization": quantization, "short_name": model},
-        "lora": {"r": lora_rank, "alpha": lora_rank, "dropout": 0.0,
-                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-        "grpo": {"num_generations": 4, "beta": 0.01, "epsilon": 0.2, "num_iterations": 4, "learning_rate": 5e-6,
-                 "lr_scheduler_type": "linear", "warmup_steps": 50, "max_prompt_length": 512,
-                 "max_completion_length": 512, "temperature": 0.9, "top_k": 50, "top_p": 1.0, "max_steps": 1000},
-        "eval": {"benchmarks": list(BENCHMARK_NAMES), "max_new_tokens": 768, "max_model_len": 1024},
-        "slurm": {"partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "time_min": 720},
-    }
+    config = ExperimentConfig(stage=stage, seed=seed).to_dict()  # the real shape, every field
+    config["model"].update(name_or_path=f"Qwen/{model}-Instruct", quantization=quantization)
+    config["lora"]["rank"] = lora_rank or 64
+    config["output"].update(sweep=sweep, cell_id=cell_id)
     return {
         "schema_version": SCHEMA_VERSION, "tool": TOOL, "sweep": sweep, "cell_id": cell_id, "status": status,
         "cell": {"model": model, "quantization": quantization, "lora_rank": lora_rank, "seed": seed, "stage": stage},
         "config": config,
-        "versions": {"python": "3.11.9", "torch": "2.6.0", "transformers": "4.51.0", "trl": "0.16.0", "peft": "0.15.0",
-                     "vllm": "0.8.4", "bitsandbytes": "0.45.5", "deepspeed": None, "submitit": "1.5.2"},
+        "versions": VERSIONS,
         "slurm": {"job_id": str(rng.randrange(10**6)), "array_task_id": seed, "attempts": 1},
         "train": None if stage == "zero_shot" else {"steps_done": 1000, "max_steps": 1000, "wall_time_s": 3600.0,
                                                     "reward_first": 0.3, "reward_last": 0.7, "kl_last": 0.02},
         "eval": evals, "error": "CUDA out of memory" if status == "failed" else None,
         "created_at": "2025-01-01T00:00:00+00:00", "updated_at": "2025-01-01T00:00:00+00:00",
     }
+
+
+VERSIONS = package_versions()
 
 
 def write_synthetic_results(root: str | os.PathLike, n_results: int, *, cells_per_sweep: int = 1000,
@@ -177,6 +173,132 @@ def bench_aggregate(workdir: Path, n_results: int = 10_000) -> dict:
         "cli_no_plots_s": round(cli_s, 3), "cli_no_plots_cpu_s": round(cli_cpu, 3),
         "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
     }
+
+
+def _rollout_setup(workdir: Path):
+    """The policy both rollout benchmarks use: the smoke recipe on NLI_GRPO_BENCH_MODEL (default
+    the tiny CPU model; `random:qwen2.5-7b` on a GPU node for the real shape), LoRA rank
+    NLI_GRPO_BENCH_RANK (default 64, the paper's), and a batch of NLI prompts x group size."""
+    from peft import get_peft_model
+
+    from .data import load_train_source
+    from .models import load_base_model, load_tokenizer, peft_lora_config
+    from .prompts import render_prompt
+    from .train import config_for_run
+
+    model = os.environ.get("NLI_GRPO_BENCH_MODEL", "tiny")
+    rank = int(os.environ.get("NLI_GRPO_BENCH_RANK", "64"))
+    cfg = config_for_run("smoke", [f"model.name_or_path={model}", f"lora.rank={rank}", "grpo.max_completion_length=64",
+                                   "grpo.top_k=0"], str(workdir / "run"))
+    tokenizer = load_tokenizer(cfg.model)
+    rows = load_train_source("anli_train_r1", local_dir="samples", hub=False, limit=8).dataset
+    prompts = [render_prompt(tokenizer, p, h) for p, h in zip(rows["premise"], rows["hypothesis"])]
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts for _ in range(cfg.grpo.num_generations)]
+    policy = get_peft_model(load_base_model(cfg.model), peft_lora_config(cfg.lora))
+    # A trained-looking adapter (LoRA B is 0 at init, which vLLM could shortcut).
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.01)
+    return cfg, tokenizer, prompt_ids, policy
+
+
+@benchmark("rollout")
+def bench_rollout(workdir: Path) -> dict:
+    """Rollouts and policy syncs, side by side on the same model, adapter and batch.
+
+    Throughput: vLLM with the adapter hot-swapped vs HF generate, every sequence forced to the same
+    completion length (EOS ignored) so both produce exactly the same number of tokens.
+    Sync: our hot-swap (save the LoRA weights, new LoRARequest, retire the old one in vLLM) vs
+    TRL's full merged-weight push (merge the adapter into the base, gather every weight, unmerge).
+    The push's last step, vLLM's load_weights, cannot run on vLLM's CPU backend (platform-notes),
+    so on the CPU its seconds are a lower bound."""
+    import torch
+    from vllm import SamplingParams
+
+    from .rollout import AdapterHotSwap, build_llm
+
+    cfg, tokenizer, prompt_ids, policy = _rollout_setup(workdir)
+    g = cfg.grpo
+    new_tokens = g.max_completion_length
+
+    def hf_rollout():
+        tokenizer.padding_side = "left"
+        enc = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(policy.device)
+        with torch.no_grad():
+            out = policy.generate(**enc, do_sample=True, temperature=g.temperature, top_p=g.top_p, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+        return (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+
+    hf_rollout()  # warm-up
+    hf_s, _, hf_tokens = _timed(hf_rollout)
+    start_s, _, llm = _timed(lambda: build_llm(cfg, purpose="rollout", lora_rank=cfg.lora.rank))
+    swap = AdapterHotSwap(llm, workdir / "adapters")
+    params = SamplingParams(temperature=g.temperature, top_p=g.top_p, max_tokens=new_tokens, ignore_eos=True)
+
+    def vllm_rollout(step: int):
+        request = swap.sync(policy, step)
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, lora_request=request, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    vllm_rollout(0)  # warm-up (first LoRA load)
+    vllm_s, _, vllm_tokens = _timed(vllm_rollout, 1)
+    # Each sync publishes a new version (and retires the previous one); the next generate loads it.
+    sync_s = sorted(_timed(swap.sync, policy, step)[0] for step in range(2, 7))[2]
+    hot_bytes = swap.bytes_last_sync
+    swap.close()
+
+    def full_push() -> int:
+        policy.merge_adapter()
+        sent = 0
+        with torch.no_grad():
+            for name, param in policy.get_base_model().named_parameters():
+                if "lora_" not in name:
+                    sent += param.detach().contiguous().numel() * param.element_size()
+        policy.unmerge_adapter()
+        return sent
+
+    full_push()
+    push_s = sorted(_timed(full_push)[0] for _ in range(5))[2]
+    push_bytes = full_push()
+    return {
+        "model": cfg.model.name_or_path, "lora_rank": cfg.lora.rank, "sequences": len(prompt_ids),
+        "new_tokens_per_sequence": new_tokens, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "hf_tokens_per_s": round(hf_tokens / hf_s, 1), "vllm_tokens_per_s": round(vllm_tokens / vllm_s, 1),
+        "vllm_over_hf": round((vllm_tokens / vllm_s) / (hf_tokens / hf_s), 2),
+        "vllm_engine_start_s": round(start_s, 1),
+        "hot_swap_bytes": hot_bytes, "hot_swap_s": round(sync_s, 4),
+        "full_push_bytes": push_bytes, "full_push_s": round(push_s, 4),
+        "full_push_over_hot_swap_bytes": round(push_bytes / hot_bytes, 2),
+        "full_push_over_hot_swap_s": round(push_s / sync_s, 2),
+    }
+
+
+@benchmark("sync_bytes")
+def bench_sync_bytes(workdir: Path) -> dict:
+    """Bytes one policy sync moves on the real Qwen2.5 shapes, per LoRA rank: the adapter our
+    hot-swap saves (the LoRA weights in the base's dtype, bf16) vs the bf16 weights a merged push
+    sends. Counted exactly from PEFT models built on the meta device (shapes, no
+    memory), so it runs anywhere."""
+    import torch
+    from peft import get_peft_model
+    from transformers import Qwen2ForCausalLM
+
+    from .config import LoraConfig
+    from .models import QWEN25_COMMON, QWEN25_SHAPES, _qwen2_config, peft_lora_config
+
+    figures = {}
+    for name, shape in QWEN25_SHAPES.items():
+        with torch.device("meta"):
+            base = Qwen2ForCausalLM(_qwen2_config(shape, QWEN25_COMMON["vocab_size"])).to(torch.bfloat16)
+        full = sum(p.numel() * p.element_size() for p in base.parameters())
+        figures[f"{name}_full_push_GB"] = round(full / 1e9, 2)
+        peft_model = get_peft_model(base, peft_lora_config(LoraConfig(rank=8)))
+        per_rank8 = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n) * 2
+        for rank in (8, 64, 128):
+            adapter = per_rank8 * rank // 8  # LoRA parameters grow linearly with the rank
+            figures[f"{name}_r{rank}_hot_swap_MB"] = round(adapter / 1e6, 1)
+            figures[f"{name}_r{rank}_full_over_hot_swap"] = round(full / adapter, 1)
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,6 +168,9 @@ class ResourcesConfig:
     cpus_per_task: int = 8
     mem_gb: int = 64
     timeout_min: int = 24 * 60
+    gpu_memory_gb: int = 80
+    """Memory of one GPU of the nodes asked for; the sweep launcher checks the estimated per-GPU
+    footprint of a cell against it before submitting."""
 
 
 @dataclass
@@ -176,6 +179,9 @@ class OutputConfig:
     """Where the run writes result.json, logs, checkpoints and predictions."""
     sweep: str = "default"
     cell_id: str = "run"
+    extra_axes: Dict[str, str] = field(default_factory=dict)
+    """Further axes that tell cells of one sweep apart beyond model, quantization, rank, seed and
+    stage (e.g. `ablation: lora_rank` in the paper sweep); part of the cell and its id."""
 
 
 @dataclass
@@ -322,7 +328,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _require("awq" in cfg.model.name_or_path.lower() or Path(cfg.model.name_or_path).is_dir(),
                  f"model.quantization=awq needs a pre-quantised AWQ checkpoint (e.g. Qwen/Qwen2.5-7B-Instruct-AWQ), "
                  f"not {cfg.model.name_or_path!r}")
-    _choice("data.train_source", cfg.data.train_source, ("anli_hard", *TRAIN_SOURCES))
+    _choice("data.train_source", cfg.data.train_source, tuple(TRAIN_SOURCES))
     _require(cfg.rollout.backend != "vllm" or cfg.resources.gpus_per_node <= 1,
              f"rollout.backend=vllm runs colocated in one training process; with resources.gpus_per_node="
              f"{cfg.resources.gpus_per_node} use rollout.backend=hf (multi-GPU vLLM server mode is not wired yet)")

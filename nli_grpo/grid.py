@@ -1,8 +1,14 @@
-"""Grid cells: what identifies one run of a sweep, and its stable id."""
+"""Grid cells: what identifies one run of a sweep and its stable id; sweep axes -> cells (plain and
+linked axes); per-size Slurm resources; the capability matrix and the GPU memory fit checked before
+anything is submitted."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .config import ExperimentConfig
 from .models import model_key
@@ -10,7 +16,7 @@ from .models import model_key
 
 def cell_from_config(cfg: ExperimentConfig) -> dict:
     """The axes that identify a run: model, quantization, LoRA rank (None for zero-shot), seed,
-    stage and rollout backend."""
+    stage, rollout backend, plus any `output.extra_axes`."""
     zero_shot = cfg.stage == "zero_shot"
     return {
         "model": cfg.model.key or model_key(cfg.model.name_or_path),
@@ -19,6 +25,7 @@ def cell_from_config(cfg: ExperimentConfig) -> dict:
         "seed": cfg.seed,
         "stage": cfg.stage,
         "rollout": None if zero_shot else cfg.rollout.backend,
+        **cfg.output.extra_axes,
     }
 
 
@@ -35,3 +42,208 @@ def cell_id(cell: dict) -> str:
     extra = sorted(k for k in cell if k not in {"model", "quantization", "lora_rank", "seed", "stage", "rollout"})
     parts += [f"{k}-{cell[k]}" for k in extra]
     return re.sub(r"[^A-Za-z0-9._-]+", "-", "__".join(str(p) for p in parts))
+
+
+# --------------------------------------------------------------------------- sweep axes -> cells
+#: What one cell asks Slurm for, per model size (one GPU each: the paper trained every size,
+#: 32B AWQ included, on one GPU). Applied through the model variants below; the CLI overrides them.
+SIZE_RESOURCES = {
+    "7b": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "timeout_min": 24 * 60, "gpu_memory_gb": 80},
+    "14b": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 96, "timeout_min": 36 * 60, "gpu_memory_gb": 80},
+    "32b": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 128, "timeout_min": 48 * 60, "gpu_memory_gb": 80},
+}
+_CHECKPOINT_SUFFIX = {"bf16": "", "awq": "-AWQ", "bnb4": ""}  # bnb4 quantises the bf16 checkpoint at load
+
+
+def qwen(size: str, quantization: str) -> dict:
+    """One model variant as a linked axis value: the Qwen2.5-Instruct checkpoint that goes with the
+    quantization (AWQ needs the pre-quantised `-AWQ` checkpoint) plus the size's Slurm resources."""
+    return {
+        "model.name_or_path": f"Qwen/Qwen2.5-{size.upper()}-Instruct{_CHECKPOINT_SUFFIX[quantization]}",
+        "model.quantization": quantization,
+        **{f"resources.{k}": v for k, v in SIZE_RESOURCES[size].items()},
+    }
+
+
+@dataclass
+class Grid:
+    """One block of a sweep: a recipe and the axes crossed over it.
+
+    `axes` maps a dotted config key to its values (`{"lora.rank": [8, 16]}`), or an axis name to a
+    list of dicts of dotted keys: a *linked* axis whose keys change together (`{"model": [qwen("7b",
+    "bf16"), qwen("7b", "awq")]}`). `overrides` apply to every cell of the block; `tags` become
+    extra cell axes (`output.extra_axes`), which keep two blocks' otherwise equal cells apart."""
+
+    recipe: str
+    axes: dict = field(default_factory=dict)
+    overrides: list = field(default_factory=list)
+    tags: dict = field(default_factory=dict)
+
+    def cells(self, seeds) -> list[list[str]]:
+        """The override lists of every cell: the product of the axes and the seeds."""
+        axes = [[_as_overrides(key, v) for v in values] for key, values in self.axes.items()]
+        axes.append([[f"seed={s}"] for s in seeds])
+        tags = [f"output.extra_axes.{k}={v}" for k, v in self.tags.items()]
+        return [[*self.overrides, *tags, *itertools.chain(*combo)] for combo in itertools.product(*axes)]
+
+
+def _as_overrides(key: str, value) -> list[str]:
+    if isinstance(value, dict):
+        return [f"{k}={_yaml_value(v)}" for k, v in value.items()]
+    return [f"{key}={_yaml_value(value)}"]
+
+
+def _yaml_value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def axis_values(grid: Grid, key: str) -> list:
+    """The values a dotted key takes in a block: a plain axis, the linked entries that set it, or []."""
+    values = grid.axes.get(key)
+    if values is not None:
+        return list(values)
+    return [v[key] for values in grid.axes.values() for v in values if isinstance(v, dict) and key in v]
+
+
+def restrict_axis(grid: Grid, key: str, wanted: list, matches=lambda value, want: value == want) -> Grid:
+    """The block with dotted `key` limited to `wanted`: a plain axis takes the wanted values, a
+    linked axis keeps its entries whose `key` matches one, and a block without the key gets it as a
+    new axis. Raises ValueError when a linked axis has no matching entry."""
+    axes = dict(grid.axes)
+    linked = [name for name, values in axes.items() if any(isinstance(v, dict) and key in v for v in values)]
+    if key in axes or not linked:
+        axes[key] = list(wanted)
+    for name in linked:
+        kept = [v for v in axes[name] if any(matches(v[key], w) for w in wanted)]
+        if not kept:
+            have = ", ".join(str(v[key]) for v in axes[name])
+            raise ValueError(f"no {name} variant with {key} in {list(wanted)}; this sweep has: {have}")
+        axes[name] = kept
+    return Grid(grid.recipe, axes, list(grid.overrides), dict(grid.tags))
+
+
+# --------------------------------------------------------------------------- capability matrix
+#: model.quantization -> what a cell needs (checked before submission by `capability_problems`).
+CAPABILITIES = {
+    "bf16": "any node",
+    "awq": "a pre-quantised AWQ checkpoint (e.g. Qwen/Qwen2.5-7B-Instruct-AWQ) and a GPU node (AWQ kernels are CUDA-only)",
+    "bnb4": "bitsandbytes installed in the job's environment",
+}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def capability_problems(cfg: ExperimentConfig) -> list[str]:
+    """What makes a valid config impossible to run as requested (quantization backends, GPU-only
+    optimizers, missing libraries, unknown models); empty when it can run. Jobs run in the
+    submitting environment, so library checks look at this one."""
+    problems = []
+    gpus = cfg.resources.gpus_per_node
+    quant = cfg.model.quantization
+    if model_shape(cfg.model.name_or_path) is None:
+        problems.append(f"unknown model {cfg.model.name_or_path!r}: use a Qwen2.5 Instruct checkpoint "
+                        f"(Qwen/Qwen2.5-{{7B,14B,32B}}-Instruct[-AWQ]), `tiny`, `random:qwen2.5-7b`, or a local folder with a config.json")
+    if quant == "awq" and gpus < 1:
+        problems.append(f"model.quantization=awq needs {CAPABILITIES['awq']}; this cell asks for resources.gpus_per_node=0")
+    if quant == "bnb4" and not _installed("bitsandbytes"):
+        problems.append(f"model.quantization=bnb4 needs {CAPABILITIES['bnb4']}: pip install bitsandbytes")
+    if "8bit" in cfg.grpo.optim and gpus < 1 and cfg.stage == "grpo":
+        problems.append(f"grpo.optim={cfg.grpo.optim} (bitsandbytes) needs a GPU; use grpo.optim=adamw_torch on CPU nodes")
+    for what, backend in (("rollout.backend", cfg.rollout.backend if cfg.stage == "grpo" else None),
+                          ("eval.backend", cfg.eval.backend if cfg.eval.after_training else None)):
+        if backend == "vllm" and not _installed("vllm"):
+            problems.append(f"{what}=vllm needs vLLM installed (pip install 'nli_grpo[gpu]'), or set {what}=hf")
+    if cfg.stage == "zero_shot" and not cfg.eval.after_training:
+        problems.append("stage=zero_shot only evaluates; it needs eval.after_training=true")
+    return problems
+
+
+# --------------------------------------------------------------------------- GPU memory fit
+_BYTES_PER_LINEAR_WEIGHT = {"bf16": 2.0, "awq": 0.52, "bnb4": 0.53}  # 4-bit + group-128 scales / zeros
+_LORA_BYTES_PER_PARAM = {"8bit": 4 + 4 + 2, "other": 4 + 4 + 8}     # fp32 weight + grad + Adam moments
+_OVERHEAD_GB = 2.0   # CUDA context, allocator fragmentation
+_VLLM_KV_GB = 6.0    # the KV cache nli_grpo.rollout adds to the weights for its derived share
+
+
+def model_shape(name_or_path: str) -> dict | None:
+    """hidden / intermediate / layers / heads / kv heads / vocab of a model, without loading it:
+    known Qwen2.5 shapes, the tiny stand-in, or a local folder's config.json; None if unknown."""
+    from .models import QWEN25_COMMON, QWEN25_SHAPES, TINY_SHAPE, TINY_VOCAB_SIZE
+
+    if name_or_path == "tiny":
+        return {**TINY_SHAPE, "vocab_size": TINY_VOCAB_SIZE}
+    key = model_key(name_or_path).removesuffix("-random")
+    if key in QWEN25_SHAPES:
+        return {**QWEN25_SHAPES[key], "vocab_size": QWEN25_COMMON["vocab_size"]}
+    config = Path(name_or_path) / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text())
+    return None
+
+
+def estimate_gpu_memory(cfg: ExperimentConfig) -> dict | None:
+    """Rough per-GPU memory of a cell in GB (2**30 bytes), by component, with `total`: the frozen
+    base weights, LoRA weights + grads + optimizer, activations (gradient checkpointing aware) and
+    completion logits of one micro-batch, HF generation's KV cache, vLLM's colocated share, and a
+    fixed overhead. An upper-side estimate meant to catch cells that cannot fit, not to tune
+    batch sizes. None for CPU-only cells or unknown models."""
+    shape = model_shape(cfg.model.name_or_path)
+    gpus = cfg.resources.gpus_per_node
+    if shape is None or gpus < 1:
+        return None
+    h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv_dim = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
+    vocab = shape["vocab_size"]
+    linears = {"q_proj": (h, h), "k_proj": (h, kv_dim), "v_proj": (h, kv_dim), "o_proj": (h, h),
+               "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    gb = 2.0**30
+    linear_params = layers * sum(i * o for i, o in linears.values())
+    weights = linear_params * _BYTES_PER_LINEAR_WEIGHT[cfg.model.quantization] + 2 * vocab * h * 2  # embeddings + lm_head stay 16-bit
+    if cfg.grpo.deepspeed == "zero3":
+        weights /= gpus
+    parts = {"weights": weights / gb}
+    g = cfg.grpo
+    if cfg.stage == "grpo":
+        lora_params = layers * cfg.lora.rank * sum(sum(linears[t]) for t in cfg.lora.target_modules)
+        parts["lora_optimizer"] = lora_params * _LORA_BYTES_PER_PARAM["8bit" if "8bit" in g.optim else "other"] / gb
+        seqs = g.completions_per_step // (g.gradient_accumulation_steps * gpus)
+        tokens = seqs * (g.max_prompt_length + g.max_completion_length)
+        # ~34*h bytes per token and layer for a transformer layer's activations in 16-bit
+        # (Korthikanti et al. 2022); with checkpointing only each layer's input is kept, plus one layer.
+        per_token = (layers * 2 * h + 34 * h) if cfg.model.gradient_checkpointing else layers * 34 * h
+        parts["activations"] = tokens * per_token / gb
+        parts["logits"] = seqs * g.max_completion_length * vocab * 4 / gb
+        if cfg.rollout.backend == "hf":
+            parts["generation_kv"] = tokens * layers * 2 * kv_dim * 2 / gb
+        else:
+            share = cfg.rollout.gpu_memory_utilization or min(0.6, max(0.15, (parts["weights"] + _VLLM_KV_GB) / cfg.resources.gpu_memory_gb))
+            parts["vllm_share"] = share * cfg.resources.gpu_memory_gb
+    parts["overhead"] = _OVERHEAD_GB
+    parts["total"] = sum(parts.values())
+    return {k: round(v, 1) for k, v in parts.items()}
+
+
+def memory_problems(cfg: ExperimentConfig) -> list[str]:
+    """Refusals with the numbers when a cell's estimated footprint exceeds its GPUs' memory (also
+    the evaluation engine's share, which must hold the weights)."""
+    estimate = estimate_gpu_memory(cfg)
+    if estimate is None:
+        return []
+    available = cfg.resources.gpu_memory_gb
+    problems = []
+    if estimate["total"] > available:
+        detail = " + ".join(f"{k.replace('_', ' ')} {v}" for k, v in estimate.items() if k != "total")
+        problems.append(
+            f"does not fit: ~{estimate['total']} GB per GPU ({detail}) > {available} GB (resources.gpu_memory_gb). "
+            "Use a quantized base (model.quantization=awq|bnb4), rollout.backend=hf, fewer grpo.completions_per_step "
+            "or more grpo.gradient_accumulation_steps, or nodes with more GPU memory (--gpu-memory-gb)")
+    if cfg.eval.after_training and cfg.eval.backend == "vllm":
+        share = cfg.eval.gpu_memory_utilization * available
+        if estimate["weights"] + 1.0 > share:
+            problems.append(f"evaluation does not fit: vLLM's share {share:.1f} GB (eval.gpu_memory_utilization="
+                            f"{cfg.eval.gpu_memory_utilization} x {available} GB) cannot hold the {estimate['weights']} GB of weights")
+    return problems

@@ -106,6 +106,8 @@ class AdapterHotSwap:
         """Make vLLM serve the adapter as it is now (at optimizer step `step`); idempotent."""
         import time
 
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
         if self.version_step == step and self.request is not None:
@@ -114,7 +116,14 @@ class AdapterHotSwap:
         path = self.folder / f"step-{step:08d}"
         if path.exists():
             shutil.rmtree(path)
-        peft_model.save_pretrained(str(path))
+        path.mkdir(parents=True)
+        # PEFT keeps LoRA weights in fp32; vLLM casts them to the base's dtype when it loads them,
+        # so casting first gives it the same weights in half the bytes on a bf16 base.
+        dtype = peft_model.get_base_model().dtype
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+                 for k, v in get_peft_model_state_dict(peft_model).items()}
+        save_file(state, str(path / "adapter_model.safetensors"))
+        peft_model.peft_config["default"].save_pretrained(str(path))
         previous = self.request
         # lora_int_id must be unique and > 0 per version: a reused id would serve vLLM's cached
         # (stale) weights.

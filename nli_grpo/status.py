@@ -1,0 +1,164 @@
+"""Where a sweep stands: `python -m nli_grpo.status results/<sweep>`.
+
+One line per cell: its state, Slurm job, attempts, training steps done / max and last update, then
+a summary line. The state combines the queue (squeue for the job ids in the sweep's manifest) with
+the cell's result.json, so it works while jobs run and after they left the queue:
+
+    pending    queued, not started yet              running   running now
+    preempted  stopped by a signal after saving: waiting in the queue to resume (requeued), or
+               not queued any more (rerun the sweep to resume it)
+    complete   result.json says complete            failed    the run failed, or its job ended
+                                                               without a final result
+    missing    never submitted, or no trace of it
+
+The sweep launcher decides what to (re)submit from the same states (`queued` never, `complete`
+only with --force).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import launch, results
+
+STATES = ("pending", "running", "preempted", "complete", "failed", "missing")
+#: sacct states of a job that ended without its cell finishing.
+_ENDED_BADLY = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
+@dataclass
+class CellStatus:
+    cell_id: str
+    state: str
+    queued: bool = False
+    """In the Slurm queue now (pending, running or requeued): never submit it again."""
+    job_id: Optional[str] = None
+    attempts: Optional[int] = None
+    steps_done: Optional[int] = None
+    max_steps: Optional[int] = None
+    updated_at: Optional[str] = None
+    detail: str = ""
+
+
+def _steps(doc: dict | None, run_dir: Path) -> tuple[int | None, int | None]:
+    """Steps done (the training summary, or the last complete checkpoint while it runs) and max."""
+    from .train import CHECKPOINTS_DIRNAME, last_complete_checkpoint
+
+    config = (doc or {}).get("config") or {}
+    if config.get("stage") == "zero_shot":
+        return None, None
+    max_steps = config.get("grpo", {}).get("max_steps")
+    done = ((doc or {}).get("train") or {}).get("steps_done") or 0
+    checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS_DIRNAME)
+    if checkpoint is not None:
+        done = max(done, int(checkpoint.name.rsplit("-", 1)[1]))
+    return (done if doc or checkpoint else None), max_steps
+
+
+def cell_status(cell_id: str, run_dir: Path, job: tuple[str, str] | None, queue: dict | None,
+                ended: dict | None = None) -> CellStatus:
+    """The state of one cell from its result file, its latest job (id, cluster) and the queue
+    (None when Slurm cannot be asked: the result file alone decides)."""
+    doc = results.load_existing(run_dir / results.RESULT_FILENAME)
+    job_id, cluster = job or (None, None)
+    in_queue = (queue or {}).get(job_id) if cluster == "slurm" else None
+    status = (doc or {}).get("status")
+    steps, max_steps = _steps(doc, run_dir)
+    line = CellStatus(cell_id, "missing", bool(in_queue), job_id, ((doc or {}).get("slurm") or {}).get("attempts"),
+                      steps, max_steps, (doc or {}).get("updated_at"))
+    if in_queue:
+        line.state = "running" if in_queue in ("RUNNING", "COMPLETING") else ("preempted" if status == "preempted" else "pending")
+        line.detail = in_queue.lower() if line.state == "preempted" else ""
+    elif status in ("complete", "failed"):
+        line.state, line.detail = status, (doc.get("error") or "") if status == "failed" else ""
+    elif status == "preempted":
+        unknown = cluster == "slurm" and queue is None  # Slurm could not be asked: it may be requeued
+        line.state, line.detail = "preempted", "" if unknown else "not queued: rerun the sweep to resume"
+    elif status == "running":
+        gone = cluster == "slurm" and queue is not None
+        line.state = "failed" if gone else "running"
+        line.detail = f"job {job_id} left the queue while running (killed? see its log)" if gone else ""
+    elif job_id and (ended or {}).get(job_id, "").startswith(_ENDED_BADLY):
+        line.state, line.detail = "failed", f"job {job_id} {ended[job_id].lower()} before writing a result"
+    return line
+
+
+def sweep_status(sweep_dir: str | Path, cell_ids: list[str] | None = None,
+                 queue: Callable[[], dict] | None = None,
+                 accounting: Callable[[list], dict] | None = None) -> list[CellStatus]:
+    """Status of every cell of a sweep folder: the manifest's cells, any cell folder with a result,
+    and `cell_ids` (cells about to be planned). `queue` / `accounting` ask Slurm (e.g.
+    launch.queued_jobs / launch.accounting_states); None, or a failing call, means result files alone."""
+    sweep_dir = Path(sweep_dir)
+    manifest = launch.read_manifest(sweep_dir)
+    jobs = launch.latest_jobs(manifest)
+    ids = dict.fromkeys([*manifest["cells"], *(cell_ids or [])])
+    if sweep_dir.is_dir():
+        ids.update(dict.fromkeys(sorted(p.parent.name for p in sweep_dir.glob(f"*/{results.RESULT_FILENAME}"))))
+    slurm_jobs = [job for job, cluster in jobs.values() if cluster == "slurm"]
+    queued = ended = None
+    if slurm_jobs and queue is not None:
+        try:
+            queued = queue()
+        except launch.SlurmError as err:
+            print(f"warning: cannot read the Slurm queue ({err}); states come from result files only", file=sys.stderr)
+    if slurm_jobs and accounting is not None:
+        ended = accounting(slurm_jobs)
+    return [cell_status(cell_id, sweep_dir / cell_id, jobs.get(cell_id), queued, ended) for cell_id in ids]
+
+
+def summary_line(name: str, lines: list[CellStatus]) -> str:
+    counts = Counter(line.state for line in lines)
+    parts = [f"{counts[s]} {s}" for s in STATES if counts[s]]
+    return f"{name}: {len(lines)} cells" + (f": {', '.join(parts)}" if parts else "")
+
+
+def make_console():
+    """A rich console; logs and CI are not terminals: don't squeeze tables into 80 columns there."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def print_status(name: str, lines: list[CellStatus], console=None) -> None:
+    from rich.table import Table
+
+    console = console or make_console()
+    colours = {"complete": "green", "failed": "red", "preempted": "yellow", "running": "cyan", "missing": "magenta"}
+    table = Table(title=f"sweep {name}", show_lines=False)
+    for column in ("cell", "state", "job", "attempts", "steps", "updated", "detail"):
+        table.add_column(column, overflow="fold")
+    for s in lines:
+        steps = "—" if s.max_steps is None else f"{s.steps_done or 0}/{s.max_steps}"
+        table.add_row(s.cell_id, f"[{colours.get(s.state, 'white')}]{s.state}[/]", s.job_id or "—",
+                      str(s.attempts or "—"), steps, s.updated_at or "—", s.detail)
+    console.print(table)
+    console.print(summary_line(name, lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nli_grpo.status", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", help="a sweep's results folder, e.g. results/lora_rank")
+    parser.add_argument("--json", action="store_true", help="one JSON object per cell instead of the table")
+    args = parser.parse_args(argv)
+    sweep_dir = Path(args.sweep_dir)
+    if not sweep_dir.is_dir():
+        print(f"error: {sweep_dir} is not a folder; give a sweep's results folder, e.g. results/lora_rank", file=sys.stderr)
+        return 2
+    lines = sweep_status(sweep_dir, queue=launch.queued_jobs, accounting=launch.accounting_states)
+    if args.json:
+        for line in lines:
+            print(json.dumps(asdict(line)))
+    else:
+        print_status(sweep_dir.name, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

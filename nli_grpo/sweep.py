@@ -1,0 +1,364 @@
+"""The sweep command line shared by every `sweeps/*.py`: expand the grid, validate every cell, show
+the plan, submit what is missing as Slurm job arrays, record it in the sweep's manifest.
+
+A sweep file only declares its axes::
+
+    SWEEP = Sweep(name="lora_rank", recipe="lora_rank",
+                  axes={"lora.rank": [8, 16, 32, 64, 128], "model": [qwen("7b", "bf16"), qwen("7b", "awq")]})
+    if __name__ == "__main__":
+        raise SystemExit(SWEEP.main())
+
+and `python sweeps/lora_rank.py --partition gpu` submits it and returns; running the same command
+again submits only the cells that are not complete and not in the queue (`--force`: also the
+complete ones, whose old folder is moved to `<sweep>/.replaced/`). Nothing is submitted when any
+cell is invalid. `--smoke` runs the sweep's shape on the tiny model on this machine in minutes.
+Exit codes: 0 submitted / nothing to do / dry run, 1 a submission failed, 2 refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import launch, status
+from .config import ConfigError, ExperimentConfig
+from .grid import Grid, capability_problems, cell_from_config, estimate_gpu_memory, memory_problems, restrict_axis
+
+SMOKE_RECIPE = "smoke"
+#: Keys a smoke run takes from the smoke recipe, whatever the sweep's axes say: the tiny model in
+#: bf16 on the CPU, and the smoke recipe's resources...
+SMOKE_OWNED_PREFIXES = ("model.", "resources.")
+#: ...but one CPU thread per cell: the tiny model is fastest so, and cells run side by side on a small machine.
+SMOKE_OVERRIDES = ["resources.cpus_per_task=1"]
+#: CLI flags that restrict an axis: flag -> (dotted key, type, help).
+AXIS_FLAGS = {
+    "ranks": ("lora.rank", int, "LoRA ranks, e.g. 8,32"),
+    "quantizations": ("model.quantization", str, "quantizations (bf16, awq, bnb4), e.g. bf16"),
+    "models": ("model.name_or_path", str, "model sizes / names, e.g. qwen2.5-7b or Qwen/Qwen2.5-7B-Instruct"),
+}
+#: CLI flags that override every cell's resources: flag -> ResourcesConfig field.
+RESOURCE_FLAGS = {"gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb",
+                  "gpu_memory_gb": "gpu_memory_gb", "time": "timeout_min"}
+
+
+@dataclass
+class Sweep:
+    """A named grid: `recipe` x `axes` (see grid.Grid for plain and linked axes) plus any further
+    `grids` (blocks on other recipes, e.g. the paper's rank ablation and zero-shot baselines),
+    each crossed with `seeds`. Cells with the same id are one run (zero-shot cells do not depend
+    on the seed or rank)."""
+
+    name: str
+    recipe: str | None = None
+    axes: dict = field(default_factory=dict)
+    grids: list = field(default_factory=list)
+    seeds: list = field(default_factory=lambda: [0])
+    description: str = ""
+
+    def blocks(self) -> list[Grid]:
+        return ([Grid(self.recipe, dict(self.axes))] if self.recipe else []) + list(self.grids)
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """Run the sweep command line (argv defaults to sys.argv[1:]); returns the exit code."""
+        return run(self, parse_args(self, argv))
+
+
+@dataclass
+class PlannedCell:
+    """One cell of the plan: its resolved config (None when invalid), problems and what to do."""
+
+    label: str
+    cfg: ExperimentConfig | None = None
+    problems: list = field(default_factory=list)
+    action: str = "submit"
+    reason: str = ""
+
+    @property
+    def cell_id(self) -> str:
+        return self.cfg.output.cell_id if self.cfg else self.label
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.output.dir)
+
+
+# --------------------------------------------------------------------------- command line
+def parse_args(sweep: Sweep, argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"python sweeps/{sweep.name}.py",
+        description=f"{sweep.description or sweep.name} sweep: validate every cell, then submit the missing ones as Slurm job arrays.",
+        epilog="Positional key=value overrides apply to every cell (e.g. grpo.max_steps=100). "
+               f"Watch it with: python -m nli_grpo.status results/{sweep.name}",
+    )
+    where = parser.add_argument_group("where")
+    where.add_argument("--cluster", choices=launch.CLUSTERS, help="slurm (default), local (this machine, waits), debug (in-process); --smoke defaults to local")
+    where.add_argument("--partition", help="Slurm partition (default: the cluster's default partition)")
+    where.add_argument("--account")
+    where.add_argument("--qos")
+    where.add_argument("--constraint", help="Slurm node features, e.g. a100|h100")
+    where.add_argument("--array-parallelism", type=int, default=256, help="array tasks running at once (default 256)")
+    res = parser.add_argument_group("resources per cell (default: per model size, from the recipe / grid)")
+    res.add_argument("--gpus-per-node", type=int)
+    res.add_argument("--cpus-per-task", type=int)
+    res.add_argument("--mem-gb", type=int)
+    res.add_argument("--gpu-memory-gb", type=int, help="memory of one GPU of the nodes, for the fit check (default 80)")
+    res.add_argument("--time", type=launch.parse_time_min, help="time limit: minutes or [D-]HH:MM[:SS]")
+    grid = parser.add_argument_group("grid")
+    grid.add_argument("--seeds", type=_int_list, help=f"comma-separated seeds (default {','.join(map(str, sweep.seeds))})")
+    for flag, (key, kind, text) in AXIS_FLAGS.items():
+        grid.add_argument(f"--{flag}", type=_list_of(kind), help=f"only these {text} ({key})")
+    grid.add_argument("--smoke", action="store_true", help="tiny model on the CPU with the shipped sample data: the sweep's shape, shrunk, in minutes")
+    grid.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every cell")
+    run_ = parser.add_argument_group("run")
+    run_.add_argument("--results", default="results", help="results root (default results/); the sweep writes to <results>/<sweep>/")
+    run_.add_argument("--dry-run", action="store_true", help="validate and print the plan and the sbatch script(s); submit nothing")
+    run_.add_argument("--force", action="store_true", help="also resubmit complete cells (their folders move to <sweep>/.replaced/); queued ones never")
+    args = parser.parse_intermixed_args(argv)
+    args.cluster = args.cluster or ("local" if args.smoke else "slurm")
+    return args
+
+
+def _list_of(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+    return parse
+
+
+_int_list = _list_of(int)
+
+
+# --------------------------------------------------------------------------- the plan
+def grid_blocks(sweep: Sweep, args: argparse.Namespace) -> tuple[list[Grid], list]:
+    """The sweep's blocks and seeds after the CLI's axis flags and --smoke."""
+    blocks, seeds = sweep.blocks(), args.seeds or list(sweep.seeds)
+    if args.smoke:
+        blocks = [_smoke_block(b) for b in blocks]
+        seeds = seeds if args.seeds else seeds[:1]
+    for flag, (key, _, _) in AXIS_FLAGS.items():
+        wanted = getattr(args, flag)
+        if wanted and not (args.smoke and key.startswith(SMOKE_OWNED_PREFIXES)):  # smoke: always the tiny model
+            blocks = [restrict_axis(b, key, wanted, _model_matches if flag == "models" else _equal) for b in blocks]
+    return blocks, seeds
+
+
+def _equal(value, wanted) -> bool:
+    return value == wanted
+
+
+def _model_matches(value: str, wanted: str) -> bool:
+    from .models import model_key
+
+    return wanted in (value, model_key(value)) or model_key(value) == f"qwen2.5-{wanted.lower()}"
+
+
+def _smoke_block(block: Grid) -> Grid:
+    """The block on the smoke recipe: model and resource axes dropped (the tiny model on the CPU),
+    at most two values per remaining axis."""
+    axes = {}
+    for name, values in block.axes.items():
+        if name.startswith(SMOKE_OWNED_PREFIXES):
+            continue
+        if any(isinstance(v, dict) for v in values):
+            kept = [{k: x for k, x in v.items() if not k.startswith(SMOKE_OWNED_PREFIXES)} for v in values]
+            values = [v for i, v in enumerate(kept) if v and v not in kept[:i]] or None
+        if values:
+            axes[name] = values[:2]
+    overrides = [o for o in block.overrides if not o.startswith(SMOKE_OWNED_PREFIXES)] + SMOKE_OVERRIDES
+    return Grid(SMOKE_RECIPE, axes, overrides, dict(block.tags))
+
+
+def plan(sweep: Sweep, args: argparse.Namespace) -> list[PlannedCell]:
+    """Every cell of the sweep with its resolved config, or the reason it cannot run; cells that
+    resolve to the same id are one cell."""
+    from .train import config_for_run
+
+    sweep_name = sweep.name + ("-smoke" if args.smoke else "")
+    sweep_dir = Path(args.results).absolute() / sweep_name
+    cli = [*args.overrides, *(f"resources.{field_}={getattr(args, flag)}" for flag, field_ in RESOURCE_FLAGS.items()
+                              if getattr(args, flag) is not None)]
+    blocks, seeds = grid_blocks(sweep, args)
+    cells: dict[str, PlannedCell] = {}
+    for block in blocks:
+        for overrides in block.cells(seeds):
+            overrides = [*overrides, f"output.sweep={sweep_name}", *cli]
+            label = f"{block.recipe}: {' '.join(overrides)}"
+            try:
+                cfg = config_for_run(block.recipe, overrides)
+            except ConfigError as err:
+                cells.setdefault(label, PlannedCell(label, problems=[str(err)]))
+                continue
+            cfg.output.dir = str(sweep_dir / cfg.output.cell_id)
+            cell = PlannedCell(label, cfg)
+            cell.problems = capability_problems(cfg) + memory_problems(cfg)
+            cells.setdefault(cell.cell_id, cell)
+    return list(cells.values())
+
+
+def results_dir_problem(sweep_dir: Path) -> str | None:
+    """Why results cannot be written under sweep_dir (checked without creating anything)."""
+    existing = sweep_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"results folder {sweep_dir} cannot be created: {existing} is a file; pass --results <a folder you can write>"
+    import os
+
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"results folder {sweep_dir} is not writable ({existing} is read-only for you); pass --results <a folder you can write>"
+    if existing == sweep_dir:
+        try:
+            tempfile.TemporaryFile(dir=sweep_dir).close()
+        except OSError as err:
+            return f"results folder {sweep_dir} is not writable ({err.strerror}); pass --results <a folder you can write>"
+    return None
+
+
+def decide(cells: list[PlannedCell], sweep_dir: Path, force: bool, queue=launch.queued_jobs) -> None:
+    """Set each valid cell's action from its status: queued cells are never submitted again,
+    complete ones only with --force, everything else (failed, preempted, missing) is submitted."""
+    valid = [c for c in cells if not c.problems]
+    states = {s.cell_id: s for s in status.sweep_status(sweep_dir, [c.cell_id for c in valid], queue=queue, accounting=None)}
+    for cell in valid:
+        state = states[cell.cell_id]
+        if state.queued:
+            cell.action, cell.reason = "skip", f"{state.state} (job {state.job_id})"
+        elif state.state == "complete" and not force:
+            cell.action, cell.reason = "skip", "complete"
+        else:
+            cell.action, cell.reason = "submit", state.state + (" (--force)" if state.state == "complete" else "")
+
+
+# --------------------------------------------------------------------------- output
+def print_plan(name: str, cells: list[PlannedCell], console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"sweep {name}: {len(cells)} cells")
+    for column in ("cell", "GPUs", "CPUs", "mem", "time", "GPU mem est./avail.", "action"):
+        table.add_column(column, overflow="fold")
+    for c in cells:
+        if c.cfg is None:
+            table.add_row(c.label, *["?"] * 5, "[red]invalid[/]")
+            continue
+        r = c.cfg.resources
+        estimate = estimate_gpu_memory(c.cfg)
+        fit = f"{estimate['total']}/{r.gpu_memory_gb} GB" if estimate else "— (CPU)"
+        action = "[red]invalid[/]" if c.problems else (f"[green]submit[/] ({c.reason})" if c.action == "submit" else f"skip: {c.reason}")
+        table.add_row(c.cell_id, str(r.gpus_per_node), str(r.cpus_per_task), f"{r.mem_gb} GB", f"{r.timeout_min} min", fit, action)
+    console.print(table)
+
+
+def run(sweep: Sweep, args: argparse.Namespace) -> int:
+    """Plan, validate, show, and (unless --dry-run) submit; see the module docstring."""
+    console = status.make_console()
+    name = sweep.name + ("-smoke" if args.smoke else "")
+    sweep_dir = Path(args.results).absolute() / name
+    try:
+        cells = plan(sweep, args)
+    except ValueError as err:  # an axis flag that selects nothing
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    refusals = [p for p in [results_dir_problem(sweep_dir)] if p]
+    options = launch.LaunchOptions(cluster=args.cluster, partition=args.partition, account=args.account, qos=args.qos,
+                                   constraint=args.constraint, array_parallelism=args.array_parallelism)
+    array_limit = 1001
+    try:
+        if args.cluster == "slurm":
+            facts = launch.partition_facts(args.partition)
+            options.partition, options.grace_time_s = facts["name"], facts["grace_time_s"]
+            array_limit = launch.max_array_size()
+            for c in cells:
+                if c.cfg is not None:
+                    c.problems += launch.resource_problems(c.cfg.resources, facts)
+        else:
+            refusals += _local_gpu_problems(cells)
+        if not refusals and not any(c.problems for c in cells):
+            decide(cells, sweep_dir, args.force, queue=launch.queued_jobs if args.cluster == "slurm" else None)
+    except launch.SlurmError as err:
+        refusals.append(str(err))
+    print_plan(name, cells, console)
+    invalid = [c for c in cells if c.problems]
+    if refusals or invalid:
+        for c in invalid:
+            for problem in c.problems:
+                console.print(f"[red]refused[/] {c.cell_id}: {problem}", soft_wrap=True)
+        for problem in refusals:
+            console.print(f"[red]refused:[/] {problem}", soft_wrap=True)
+        console.print(f"[red]Nothing submitted[/]: {len(invalid)} invalid cell(s)" + (f", {len(refusals)} other problem(s)" if refusals else "")
+                      + ". Fix them (or leave those cells out with --ranks/--quantizations/--models) and run again.")
+        return 2
+    todo = [c for c in cells if c.action == "submit"]
+    if args.dry_run:
+        if args.cluster == "slurm":
+            _print_sbatch(todo, options, sweep_dir, name, array_limit, console)
+        console.print(f"dry run: {len(todo)} of {len(cells)} cells would be submitted; nothing was.")
+        return 0
+    if not todo:
+        console.print(f"nothing to submit: every cell of {name} is complete or queued. Status: python -m nli_grpo.status {sweep_dir}")
+        return 0
+    if args.force:
+        for c in todo:
+            _move_aside_if_complete(c, sweep_dir)
+    folder = sweep_dir / launch.LOGS_DIRNAME
+    jobs, errors = launch.submit_cells(todo, options, folder, f"nli_grpo_{name}", array_limit)
+    described = {c.cell_id: {"cell": cell_from_config(c.cfg), "run_dir": str(c.run_dir), "command": launch.train_command(c.run_dir)}
+                 for c in cells if c.cfg is not None}
+    if jobs or not errors:
+        launch.record_submission(sweep_dir, described, launch.submission_record(args.cluster, folder, jobs))
+    arrays = sorted({str(j.job_id).split("_")[0] for j in jobs.values()})
+    console.print(f"submitted {len(jobs)} of {len(todo)} cells ({args.cluster}: {', '.join(arrays)}); "
+                  f"manifest {sweep_dir / launch.MANIFEST_FILENAME}; logs {folder}")
+    for error in errors:
+        console.print(f"[red]error:[/] {error}. Run the same command again to submit the rest.")
+    if args.cluster != "slurm":
+        _wait_here(jobs, console)
+        status.print_status(name, status.sweep_status(sweep_dir, queue=None, accounting=None), console)
+    else:
+        console.print(f"watch it: python -m nli_grpo.status {sweep_dir}")
+    return 1 if errors else 0
+
+
+def _local_gpu_problems(cells: list[PlannedCell]) -> list[str]:
+    import torch
+
+    here = torch.cuda.device_count()
+    wanted = max((c.cfg.resources.gpus_per_node for c in cells if c.cfg), default=0)
+    if wanted > here:
+        return [f"cells ask for {wanted} GPU(s) but this machine has {here}: use --cluster slurm, or --smoke to run on the CPU"]
+    return []
+
+
+def _move_aside_if_complete(cell: PlannedCell, sweep_dir: Path) -> None:
+    """--force on a complete cell: keep the old run (hidden from aggregate) so that the new one starts fresh."""
+    from . import results
+
+    if (results.load_existing(cell.run_dir / results.RESULT_FILENAME) or {}).get("status") == "complete":
+        target = sweep_dir / ".replaced" / f"{cell.cell_id}.{results.now_iso().replace(':', '')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(cell.run_dir), target)
+
+
+def _print_sbatch(todo: list[PlannedCell], options, sweep_dir: Path, name: str, array_limit: int, console) -> None:
+    groups: dict[str, list] = {}
+    for c in todo:
+        params = launch.executor_parameters(c.cfg.resources, options, f"nli_grpo_{name}")
+        groups.setdefault(repr(sorted(params.items())), [params, 0])[1] += 1
+    for params, count in groups.values():
+        size = min(count, array_limit)
+        console.rule(f"sbatch script for {count} cell(s)" + (f" (arrays of at most {array_limit})" if count > array_limit else ""))
+        console.print(launch.sbatch_script(sweep_dir / launch.LOGS_DIRNAME, params, size), markup=False, highlight=False, soft_wrap=True)
+
+
+def _wait_here(jobs: dict, console) -> None:
+    """Local and debug executors: the jobs run on this machine, so wait for them."""
+    for cell_id, job in jobs.items():
+        try:
+            job.result()
+        except Exception as err:  # noqa: BLE001 - the status table shows the cell as failed
+            console.print(f"[red]{cell_id} failed[/]: {str(err).strip().splitlines()[-1]}")

@@ -1,0 +1,180 @@
+"""Launcher pieces without a Slurm cluster: the sbatch script submitit would write (vs a golden
+file), the manifest, the rerun decisions (with a fake queue: the real squeue path is covered by
+test_sweeps_slurm.py), the status table from result files, and CellJob's signal forwarding with a
+real child process."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nli_grpo import launch, results, status
+from nli_grpo.config import ResourcesConfig
+from nli_grpo.sweep import decide, parse_args, plan, results_dir_problem
+from test_grid import load_sweep  # tests/ is on sys.path (rootdir-less test modules)
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def normalise(text: str, folder: Path) -> str:
+    return text.replace(str(folder), "<LOGS>").replace(sys.executable, "<PYTHON>")
+
+
+def test_sbatch_script_of_a_gpu_array_matches_the_golden_file(tmp_path):
+    options = launch.LaunchOptions(partition="gpu", account="nlp", qos="normal", constraint="h100", array_parallelism=4)
+    params = launch.executor_parameters(ResourcesConfig(gpus_per_node=1, cpus_per_task=8, mem_gb=64, timeout_min=1440), options, "nli_grpo_lora_rank")
+    script = normalise(launch.sbatch_script(tmp_path / "logs", params, array_size=10), tmp_path / "logs")
+    golden = GOLDEN / "lora_rank_array.sbatch"
+    if os.environ.get("NLI_GRPO_UPDATE_GOLDEN") == "1":
+        golden.write_text(script)
+    assert script == golden.read_text(), "sbatch text changed; if intended, rerun with NLI_GRPO_UPDATE_GOLDEN=1 and review the diff"
+
+
+def test_cpu_only_cells_ask_for_no_gpu_and_every_job_is_requeueable():
+    params = launch.executor_parameters(ResourcesConfig(gpus_per_node=0), launch.LaunchOptions(), "x")
+    assert "gpus_per_node" not in params and "slurm_partition" not in params
+    assert params["slurm_additional_parameters"] == {"requeue": True}
+
+
+def test_child_gets_at_most_the_signal_window_minus_a_margin_to_save():
+    assert launch.LaunchOptions(signal_delay_s=300, grace_time_s=60).stop_timeout_s == 45
+    assert launch.LaunchOptions(signal_delay_s=300, grace_time_s=None).stop_timeout_s == 285
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("30:00", 30), ("2-00:00:00", 2880), ("1-12", 2160), ("0:10:30", 11)])
+def test_slurm_time_formats(text, minutes):
+    assert launch.parse_time_min(text) == minutes
+
+
+def test_manifest_keeps_every_submission_and_the_latest_job_of_each_cell(tmp_path):
+    class Job:
+        def __init__(self, job_id):
+            self.job_id = job_id
+
+    launch.record_submission(tmp_path, {"a": {"cell": 1}, "b": {"cell": 2}}, launch.submission_record("slurm", tmp_path, {"a": Job("7_0"), "b": Job("7_1")}))
+    launch.record_submission(tmp_path, {"b": {"cell": 2}}, launch.submission_record("slurm", tmp_path, {"b": Job("9")}))
+    manifest = launch.read_manifest(tmp_path)
+    assert list(manifest["cells"]) == ["a", "b"] and len(manifest["submissions"]) == 2
+    assert manifest["submissions"][0]["command"][0] == sys.executable and "submitted_at" in manifest["submissions"][0]
+    assert launch.latest_jobs(manifest) == {"a": ("7_0", "slurm"), "b": ("9", "slurm")}
+    (tmp_path / launch.MANIFEST_FILENAME).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON.*move it aside"):
+        launch.read_manifest(tmp_path)
+
+
+def write_result(run_dir: Path, status_: str, steps=12, attempts=1, error=None):
+    doc = {"schema_version": results.SCHEMA_VERSION, "tool": results.TOOL, "sweep": run_dir.parent.name, "cell_id": run_dir.name,
+           "status": status_, "cell": {"model": "tiny", "quantization": "bf16", "lora_rank": 8, "seed": 0},
+           "config": {"stage": "grpo", "grpo": {"max_steps": 12}}, "versions": {}, "slurm": {"attempts": attempts},
+           "train": {"steps_done": steps}, "eval": {}, "error": error, "updated_at": "2026-11-21T10:00:00+00:00"}
+    results.atomic_write_json(run_dir / results.RESULT_FILENAME, doc)
+
+
+def smoke_cells(tmp_path, *argv):
+    sweep = load_sweep("lora_rank")
+    return plan(sweep, parse_args(sweep, ["--smoke", "--ranks", "8,16,32,64,128", "--results", str(tmp_path), *argv]))
+
+
+def test_rerun_skips_complete_and_queued_cells_and_resubmits_the_rest(tmp_path):
+    cells = smoke_cells(tmp_path)
+    assert len(cells) == 5
+    sweep_dir = tmp_path / "lora_rank-smoke"
+    complete, failed, pending, preempted, missing = cells
+    write_result(complete.run_dir, "complete")
+    write_result(failed.run_dir, "failed", steps=3, error="RuntimeError: boom")
+    write_result(preempted.run_dir, "preempted", steps=4, attempts=2)
+    jobs = {c.cell_id: type("Job", (), {"job_id": f"5_{i}"})() for i, c in enumerate(cells[:4])}
+    launch.record_submission(sweep_dir, {}, launch.submission_record("slurm", sweep_dir, jobs))
+    queue = lambda: {"5_2": "PENDING", "12": "RUNNING"}  # noqa: E731 - squeue as seen now
+
+    decide(cells, sweep_dir, force=False, queue=queue)
+    assert [(c.action, c.reason) for c in cells] == [
+        ("skip", "complete"), ("submit", "failed"), ("skip", "pending (job 5_2)"), ("submit", "preempted"), ("submit", "missing")]
+    decide(cells, sweep_dir, force=True, queue=queue)
+    assert [c.action for c in cells] == ["submit", "submit", "skip", "submit", "submit"]
+
+
+def test_status_from_result_files_alone_after_the_jobs_left_the_queue(tmp_path, capsys, monkeypatch):
+    sweep_dir = tmp_path / "lora_rank"
+    write_result(sweep_dir / "a", "complete", attempts=3)
+    write_result(sweep_dir / "b", "preempted", steps=4, attempts=2)
+    write_result(sweep_dir / "c", "running", steps=0)
+    (sweep_dir / "b" / "checkpoints" / "checkpoint-6").mkdir(parents=True)
+    (sweep_dir / "b" / "checkpoints" / "checkpoint-6" / "CHECKPOINT_COMPLETE").write_text("6\n")
+    launch.record_submission(sweep_dir, {"d": {}}, launch.submission_record("slurm", sweep_dir, {"c": type("J", (), {"job_id": "8_2"})()}))
+
+    lines = {s.cell_id: s for s in status.sweep_status(sweep_dir, queue=lambda: {}, accounting=lambda ids: {})}
+    assert [(lines[c].state, lines[c].attempts, lines[c].steps_done) for c in "abcd"] == [
+        ("complete", 3, 12), ("preempted", 2, 6), ("failed", 1, 0), ("missing", None, None)]
+    assert "left the queue while running" in lines["c"].detail
+    assert "rerun the sweep" in lines["b"].detail
+    # without Slurm to ask, the files alone decide
+    assert {s.cell_id: s.state for s in status.sweep_status(sweep_dir, queue=None)}["c"] == "running"
+    monkeypatch.setattr(launch, "queued_jobs", lambda: {"8_2": "RUNNING"})
+    monkeypatch.setattr(launch, "accounting_states", lambda ids: {})
+    assert status.main([str(sweep_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "lora_rank: 4 cells: 1 running, 1 preempted, 1 complete, 1 missing" in out and "6/12" in out
+
+
+def test_a_results_folder_that_cannot_be_written_is_named(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert "is a file" in results_dir_problem(blocker / "results" / "sweep")
+    assert results_dir_problem(tmp_path / "new" / "sweep") is None
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGUSR2, lambda *_: (print("saving", flush=True), time.sleep(0.5), sys.exit(75)))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_checkpoint_forwards_usr2_waits_for_the_child_and_resubmits_a_fresh_job(tmp_path):
+    job = launch.CellJob([sys.executable, "-c", CHILD], str(tmp_path), stop_timeout_s=20)
+    job._child = subprocess.Popen(job.command, stdout=subprocess.PIPE, text=True)
+    assert job._child.stdout.readline() == "ready\n"
+    started = time.monotonic()
+    delayed = job.checkpoint()
+    assert job._child.returncode == 75 and job._child.stdout.read() == "saving\n"
+    assert time.monotonic() - started < 10
+    again = pickle.loads(pickle.dumps(delayed.function))  # what submitit writes for the requeued job
+    assert (again.command, again.run_dir, again._child) == (job.command, job.run_dir, None)
+
+
+def test_checkpoint_kills_a_child_that_does_not_stop_in_time(tmp_path):
+    job = launch.CellJob([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGUSR2, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+                         str(tmp_path), stop_timeout_s=1)
+    job._child = subprocess.Popen(job.command, stdout=subprocess.PIPE, text=True)
+    assert job._child.stdout.readline() == "ready\n"
+    job.checkpoint()
+    assert job._child.returncode == -signal.SIGKILL
+
+
+def test_cell_job_reports_the_childs_failure_with_the_recorded_error(tmp_path):
+    write_result(tmp_path, "failed", error="ValueError: no prompts")
+    with pytest.raises(RuntimeError, match="exited with 3: ValueError: no prompts"):
+        launch.CellJob([sys.executable, "-c", "raise SystemExit(3)"], str(tmp_path), 10)()
+    write_result(tmp_path, "complete", attempts=2)
+    assert launch.CellJob([sys.executable, "-c", "pass"], str(tmp_path), 10)() == {"run_dir": str(tmp_path), "status": "complete", "attempts": 2}
+
+
+def test_force_moves_a_complete_cell_aside_so_that_it_starts_fresh_and_keeps_a_failed_one(tmp_path):
+    from nli_grpo.sweep import _move_aside_if_complete
+
+    complete, failed = smoke_cells(tmp_path)[:2]
+    sweep_dir = tmp_path / "lora_rank-smoke"
+    write_result(complete.run_dir, "complete")
+    write_result(failed.run_dir, "failed")
+    _move_aside_if_complete(complete, sweep_dir)
+    _move_aside_if_complete(failed, sweep_dir)
+    [kept] = (sweep_dir / ".replaced").iterdir()
+    assert kept.name.startswith(complete.cell_id + ".") and (kept / results.RESULT_FILENAME).exists()
+    assert not complete.run_dir.exists() and (failed.run_dir / results.RESULT_FILENAME).exists()
