@@ -62,6 +62,8 @@ STAGE_ORDER = ("zero_shot", "grpo")
 # When no seed of a variant is complete, the cell shows the most hopeful state among its seeds.
 PENDING_STATES = ("running", "preempted", "failed")
 MISSING = "missing"
+#: Evaluated, but no completion parsed, so the paper-comparable accuracy (parsed only) has no value.
+NO_PARSE = "no parse"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +193,7 @@ class Variant:
     statuses: dict[Any, str] = field(default_factory=dict)     # seed -> status
     result_dirs: list[str] = field(default_factory=list)
     stats: dict[str, Stat] = field(default_factory=dict)       # column -> merged seeds
+    unparsed: set[str] = field(default_factory=set)             # benchmarks evaluated with no value
 
 
 @dataclass
@@ -302,6 +305,7 @@ def _build_sweep(name: str, runs: list[tuple[str, dict]], metric: str, benchmark
         if doc["status"] == "complete":
             evals = doc["eval"]
             records.append([numbers[key]] + [(evals.get(b) or {}).get(metric) for b in shown])
+            variant.unparsed.update(b for b in shown if b in evals and evals[b].get(metric) is None)
 
     # None (a benchmark a run did not evaluate) becomes NaN, which pandas leaves out of mean/std/count.
     frame = pd.DataFrame(np.array(records, dtype=float).reshape(-1, len(shown) + 1), columns=["variant", *shown])
@@ -317,7 +321,8 @@ def _build_sweep(name: str, runs: list[tuple[str, dict]], metric: str, benchmark
         means, stds, counts = merged.get(numbers[key], ([], [], [0] * len(columns)))
         no_number = Stat(state=_pending_state(variant))
         variant.stats = {
-            c: Stat(mean=means[i], std=_number(stds[i]), n=counts[i]) if counts[i] else no_number
+            c: Stat(mean=means[i], std=_number(stds[i]), n=counts[i]) if counts[i]
+            else Stat(state=NO_PARSE) if c in variant.unparsed else no_number
             for i, c in enumerate(columns)
         }
     expected_seeds = {stage: sorted(seeds, key=partial(_sort_key, "seed")) for stage, seeds in seeds_by_stage.items()}
@@ -643,7 +648,8 @@ def render_report(sweep_tables: list[tuple[Sweep, list[Table]]], n_read: int, sk
     """The whole Markdown report (what goes to stdout and tables/report.md)."""
     lines = [f"# nli_grpo results: `{metric}`", "",
              f"Values in % (mean ± sample std over complete seeds; `runs` = complete/expected seeds). "
-             f"Best per column in **bold**; — = no result; running/preempted/failed = no complete seed yet.",
+             f"Best per column in **bold**; — = no result; running/preempted/failed = no complete seed yet; "
+             f"no parse = evaluated, but no completion had a parseable answer.",
              "", f"{n_read} result files read" + (f", {len(skipped)} skipped (listed on stderr)." if skipped else "."),
              ""]
     for sweep, tables in sweep_tables:

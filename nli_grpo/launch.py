@@ -75,9 +75,7 @@ class CellJob:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         log.info("starting %s", shlex.join(self.command))
-        # torch otherwise starts a thread per core of the node: oversubscribed on shared nodes
-        threads = {k: str(self.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k not in os.environ}
-        self._child = subprocess.Popen(self.command, env={**os.environ, **threads, "PYTHONUNBUFFERED": "1"})
+        self.start_child()
         # poll + sleep rather than wait(): checkpoint() runs in a signal handler on this thread
         # and must be able to wait for the child itself (wait() would hold Popen's lock).
         while (code := self._child.poll()) is None:
@@ -90,19 +88,28 @@ class CellJob:
             raise RuntimeError(f"{self.run_dir}: `{shlex.join(self.command)}` exited with {code}: {doc.get('error')}")
         return {"run_dir": self.run_dir, "status": doc.get("status"), "attempts": doc.get("slurm", {}).get("attempts")}
 
+    def start_child(self, **popen_kwargs) -> subprocess.Popen:
+        # torch otherwise starts a thread per core of the node: oversubscribed on shared nodes
+        threads = {k: str(self.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k not in os.environ}
+        # Its own process group: USR2 then reaches every rank of a multi-GPU child (torchrun
+        # forwards only SIGTERM/SIGINT to its workers).
+        self._child = subprocess.Popen(self.command, env={**os.environ, **threads, "PYTHONUNBUFFERED": "1"},
+                                       start_new_session=True, **popen_kwargs)
+        return self._child
+
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2: let the child save and exit, then requeue this job."""
         child = self._child
         if child is not None and child.poll() is None:
             log.warning("forwarding SIGUSR2 to the training process %d; waiting up to %.0f s for it to save",
                         child.pid, self.stop_timeout_s)
-            child.send_signal(signal.SIGUSR2)
+            os.killpg(child.pid, signal.SIGUSR2)
             try:
                 child.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 # its last complete checkpoint is on disk; a half-written one is never loaded
                 log.error("training process did not exit within %.0f s; killing it", self.stop_timeout_s)
-                child.kill()
+                os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
         return submitit.helpers.DelayedSubmission(CellJob(self.command, self.run_dir, self.stop_timeout_s, self.threads))
 
@@ -110,9 +117,13 @@ class CellJob:
         return {**self.__dict__, "_child": None}  # a process handle does not survive pickling
 
 
-def train_command(run_dir: Path) -> list[str]:
-    """What a cell job runs: the training entry point on the config snapshot in the cell folder."""
-    return [sys.executable, "-u", "-m", "nli_grpo.train", "--config", str(run_dir / CONFIG_FILENAME), "--output-dir", str(run_dir)]
+def train_command(run_dir: Path, gpus: int = 1) -> list[str]:
+    """What a cell job runs: the training entry point on the config snapshot in the cell folder,
+    under torchrun (one process per GPU) when the cell has several GPUs."""
+    entry = ["-m", "nli_grpo.train", "--config", str(run_dir / CONFIG_FILENAME), "--output-dir", str(run_dir)]
+    if gpus > 1:
+        return [sys.executable, "-u", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *entry]
+    return [sys.executable, "-u", *entry]
 
 
 def write_config_snapshot(cfg, run_dir: Path) -> None:
@@ -198,7 +209,7 @@ def submit_cells(cells: list, options: LaunchOptions, folder: Path, name: str, m
                 write_config_snapshot(cell.cfg, cell.run_dir)
             try:
                 with executor.batch():
-                    submitted = [executor.submit(CellJob(train_command(c.run_dir), str(c.run_dir), options.stop_timeout_s,
+                    submitted = [executor.submit(CellJob(train_command(c.run_dir, c.cfg.resources.gpus_per_node), str(c.run_dir), options.stop_timeout_s,
                                                          c.cfg.resources.cpus_per_task)) for c in chunk]
             except Exception as err:  # noqa: BLE001 - report, keep what was submitted
                 return jobs, [f"submission of {len(chunk)} cells failed: {err}"]

@@ -178,7 +178,14 @@ def _trainer_callbacks(run_dir: Path, keep: int, stop: StopRequest):
 
     class StopOnSignal(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if stop.is_set():
+            stop_now = stop.is_set()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # Every rank must take the same decision, or the ranks that save (a collective
+                # under DeepSpeed) would wait forever for the ones that train on.
+                flag = torch.tensor([float(stop_now)], device=args.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop_now = bool(flag.item())
+            if stop_now:
                 control.should_save = True
                 control.should_training_stop = True
             return control

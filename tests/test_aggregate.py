@@ -389,3 +389,13 @@ def test_binary_result_file_is_skipped(tmp_path):
     collection = aggregate.collect([root])
     assert [s.reason.split(" (")[0] for s in collection.skipped] == ["not valid JSON"]
     assert len(collection.runs) == 1
+
+
+def test_a_set_evaluated_with_nothing_parsed_reads_no_parse_not_missing(tmp_path):
+    doc = make_result("smoke", scores={"snli": 0.5, "anli_r1": 0.5})
+    doc["eval"]["anli_r1"]["accuracy"] = None   # every completion unparseable: nothing to average
+    write_result(tmp_path, doc)
+    [sweep] = aggregate.build_sweeps(aggregate.collect([tmp_path]).runs)
+    stats = sweep.variants[0].stats
+    assert stats["anli_r1"].state == aggregate.NO_PARSE and stats["snli"].state == "ok"
+    assert "no parse" in aggregate.table_markdown(aggregate.main_table(sweep))

@@ -203,3 +203,12 @@ def test_cell_id_is_path_safe():
 def test_extra_axes_are_part_of_the_id_in_sorted_order():
     base = _cell("paper", "rollout.backend=hf")
     assert cell_id({**base, "lr": 1e-5, "data": "x"}) == "qwen2.5-7b__awq__r64__s0__data-x__lr-1e-05"
+
+
+@pytest.mark.parametrize("preset, stage", [("zero2", 2), ("zero3", 3)])
+def test_deepspeed_presets_resolve_to_the_shipped_configs(tmp_path, preset, stage):
+    from nli_grpo.train import config_for_run, trl_args
+
+    args = trl_args(config_for_run("smoke", [f"grpo.deepspeed={preset}"], str(tmp_path)), tmp_path)
+    assert args.deepspeed.endswith(f"deepspeed_zero{stage}.json")
+    assert args.hf_deepspeed_config.config["zero_optimization"]["stage"] == stage

@@ -139,7 +139,7 @@ time.sleep(60)
 
 def test_checkpoint_forwards_usr2_waits_for_the_child_and_resubmits_a_fresh_job(tmp_path):
     job = launch.CellJob([sys.executable, "-c", CHILD], str(tmp_path), stop_timeout_s=20)
-    job._child = subprocess.Popen(job.command, stdout=subprocess.PIPE, text=True)
+    job.start_child(stdout=subprocess.PIPE, text=True)
     assert job._child.stdout.readline() == "ready\n"
     started = time.monotonic()
     delayed = job.checkpoint()
@@ -152,7 +152,7 @@ def test_checkpoint_forwards_usr2_waits_for_the_child_and_resubmits_a_fresh_job(
 def test_checkpoint_kills_a_child_that_does_not_stop_in_time(tmp_path):
     job = launch.CellJob([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGUSR2, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
                          str(tmp_path), stop_timeout_s=1)
-    job._child = subprocess.Popen(job.command, stdout=subprocess.PIPE, text=True)
+    job.start_child(stdout=subprocess.PIPE, text=True)
     assert job._child.stdout.readline() == "ready\n"
     job.checkpoint()
     assert job._child.returncode == -signal.SIGKILL
@@ -178,3 +178,10 @@ def test_force_moves_a_complete_cell_aside_so_that_it_starts_fresh_and_keeps_a_f
     [kept] = (sweep_dir / ".replaced").iterdir()
     assert kept.name.startswith(complete.cell_id + ".") and (kept / results.RESULT_FILENAME).exists()
     assert not complete.run_dir.exists() and (failed.run_dir / results.RESULT_FILENAME).exists()
+
+
+def test_a_multi_gpu_cell_trains_under_torchrun_one_process_per_gpu(tmp_path):
+    single = launch.train_command(tmp_path, gpus=1)
+    multi = launch.train_command(tmp_path, gpus=4)
+    assert single[-6:] == multi[-6:] and "torch.distributed.run" not in single
+    assert multi[multi.index("torch.distributed.run") + 1:][:2] == ["--standalone", "--nproc_per_node=4"]
