@@ -647,9 +647,9 @@ def render_report(sweep_tables: list[tuple[Sweep, list[Table]]], n_read: int, sk
                   metric: str) -> str:
     """The whole Markdown report (what goes to stdout and tables/report.md)."""
     lines = [f"# nli_grpo results: `{metric}`", "",
-             f"Values in % (mean ± sample std over complete seeds; `runs` = complete/expected seeds). "
-             f"Best per column in **bold**; — = no result; running/preempted/failed = no complete seed yet; "
-             f"no parse = evaluated, but no completion had a parseable answer.",
+             "Values in % (mean ± sample std over complete seeds; `runs` = complete/expected seeds). "
+             "Best per column in **bold**; — = no result; running/preempted/failed = no complete seed yet; "
+             "no parse = evaluated, but no completion had a parseable answer.",
              "", f"{n_read} result files read" + (f", {len(skipped)} skipped (listed on stderr)." if skipped else "."),
              ""]
     for sweep, tables in sweep_tables:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from .config import ConfigError
+from .results import atomic_open
 
 log = logging.getLogger("nli_grpo.bootstrap")
 
@@ -37,12 +36,9 @@ def hard_items(rows: list[dict], completions: list[list[str]], below: float) -> 
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write all rows or nothing: temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    """Write all rows or nothing (see results.atomic_open)."""
+    with atomic_open(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None):

@@ -15,8 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import results
-from .config import ConfigError, ExperimentConfig, load_config
+from .config import ConfigError, ExperimentConfig
 from .data import BENCHMARKS, load_benchmark
 from .prompts import render_prompt
 

@@ -131,10 +131,8 @@ def write_config_snapshot(cfg, run_dir: Path) -> None:
     runs what was validated, whatever happened to the recipes meanwhile)."""
     from omegaconf import OmegaConf
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{CONFIG_FILENAME}.tmp"
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    os.replace(tmp, run_dir / CONFIG_FILENAME)
+    with results.atomic_open(run_dir / CONFIG_FILENAME) as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 # --------------------------------------------------------------------------- executors

@@ -33,14 +33,13 @@ import gzip
 import json
 import os
 import sys
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from nli_grpo.data import BENCHMARKS, HANS, BenchmarkSpec
 from nli_grpo.prompts import LABEL_IDS, LABELS, UNPARSEABLE, extract_label, format_ok
-from nli_grpo.results import PREDICTIONS_DIRNAME, atomic_write_json
+from nli_grpo.results import PREDICTIONS_DIRNAME, atomic_open, atomic_write_json
 
 #: Per-example fields that `score_file` uses as score groups when a file carries them.
 GROUP_FIELDS = ("heuristic", "subcase", "categories")
@@ -225,20 +224,10 @@ def prediction_records(
 def write_predictions(path: str | os.PathLike, records: Iterable[dict]) -> None:
     """Write records as gzip-compressed JSON lines, atomically: readers see the old file or the
     whole new one. The gzip header carries no time or name, so equal records give equal bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as compressed:
-                for record in records:
-                    compressed.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as compressed:
+            for record in records:
+                compressed.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
