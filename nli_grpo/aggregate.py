@@ -602,10 +602,11 @@ def long_records(table: Table) -> list[dict]:
 
 
 def table_csv(table: Table) -> str:
+    fields = [*table.label_columns, *CSV_FIELDS]
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=[*table.label_columns, *CSV_FIELDS], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(long_records(table))
+    writer = csv.writer(out, lineterminator="\n")  # plain rows: DictWriter costs 2x on big sweeps
+    writer.writerow(fields)
+    writer.writerows([record[f] for f in fields] for record in long_records(table))
     return out.getvalue()
 
 
