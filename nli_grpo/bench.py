@@ -27,7 +27,7 @@ from typing import Callable
 
 from .config import ExperimentConfig
 from .data import BENCHMARK_NAMES
-from .results import RESULT_FILENAME, SCHEMA_VERSION, TOOL, TRAIN_LOG_FILENAME, package_versions
+from .results import RESULT_FILENAME, SCHEMA_VERSION, TOOL, TRAIN_LOG_FILENAME, package_versions, read_jsonl
 
 BENCHMARKS: dict[str, Callable[[Path], dict]] = {}
 
@@ -298,6 +298,38 @@ def bench_sync_bytes(workdir: Path) -> dict:
             adapter = per_rank8 * rank // 8  # LoRA parameters grow linearly with the rank
             figures[f"{name}_r{rank}_hot_swap_MB"] = round(adapter / 1e6, 1)
             figures[f"{name}_r{rank}_full_over_hot_swap"] = round(full / adapter, 1)
+    return figures
+
+
+@benchmark("grpo_step")
+def bench_grpo_step(workdir: Path) -> dict:
+    """Peak memory and time of GRPO steps (LoRA r64, 8 completions of 64 tokens, the paper's
+    settings otherwise) per base quantization, through the real job. NLI_GRPO_BENCH_MODEL picks the
+    model (default the tiny CPU one; `random:qwen2.5-7b` on a GPU node is the issue's check)."""
+    import torch
+
+    from .results import read_result
+    from .train import config_for_run, run
+
+    model = os.environ.get("NLI_GRPO_BENCH_MODEL", "tiny")
+    quantizations = ["bf16", "bnb4"]
+    figures: dict = {"model": model, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    for quantization in quantizations:
+        out = workdir / quantization
+        cfg = config_for_run("paper", [
+            f"model.name_or_path={model}", f"model.quantization={quantization}", "lora.rank=64", "grpo.max_steps=3",
+            "grpo.num_iterations=1", "grpo.max_completion_length=64", "grpo.save_steps=1000", "rollout.backend=hf",
+            "data.train_source=anli_train_r1", "data.local_dir=samples", "data.hub=false", "eval.after_training=false",
+            *([] if torch.cuda.is_available() else ["grpo.optim=adamw_torch", "resources.gpus_per_node=0"]),
+        ], str(out))
+        # Alternating rewards: every group has non-zero advantages, so every step runs backward.
+        if run(cfg, reward_funcs=[lambda completions, **_: [float(i % 2) for i in range(len(completions))]]) != 0:
+            raise RuntimeError(f"the {quantization} run failed; see {out}")
+        train = read_result(out / RESULT_FILENAME)["train"]
+        step_times = [r["step_time"] for r in read_jsonl(out / TRAIN_LOG_FILENAME) if "step_time" in r]
+        figures[f"{quantization}_peak_memory_gb"] = train["peak_memory_gb"]
+        figures[f"{quantization}_memory_kind"] = train["peak_memory_kind"]
+        figures[f"{quantization}_step_s_after_first"] = round(sum(step_times[1:]) / max(1, len(step_times[1:])), 3)
     return figures
 
 

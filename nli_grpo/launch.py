@@ -63,18 +63,18 @@ class CellJob:
     """One grid cell as a submitit checkpointable callable: runs the training entry point as a
     child process and returns the cell's final status."""
 
-    def __init__(self, command: list[str], run_dir: str, stop_timeout_s: float, threads: int = 1):
+    def __init__(self, command: list[str], run_dir: str, stop_timeout_s: float, threads: int = 1, gpus: int = 1):
         self.command = command
         self.run_dir = run_dir
         self.stop_timeout_s = stop_timeout_s
         self.threads = threads
+        self.gpus = gpus
         self._child: subprocess.Popen | None = None
 
     def __call__(self) -> dict:
         from .train import EXIT_PREEMPTED
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        log.info("starting %s", shlex.join(self.command))
         self.start_child()
         # poll + sleep rather than wait(): checkpoint() runs in a signal handler on this thread
         # and must be able to wait for the child itself (wait() would hold Popen's lock).
@@ -89,12 +89,19 @@ class CellJob:
         return {"run_dir": self.run_dir, "status": doc.get("status"), "attempts": doc.get("slurm", {}).get("attempts")}
 
     def start_child(self, **popen_kwargs) -> subprocess.Popen:
+        """Start the training: one process, or one per GPU under torchrun when the cell asked for
+        several GPUs and the node really has them (decided here, on the node)."""
+        command = self.command
+        if self.gpus > 1 and (devices := _cuda_device_count()) > 1:
+            command = with_torchrun(command, min(self.gpus, devices))
+        log.info("starting %s", shlex.join(command))
         # torch otherwise starts a thread per core of the node: oversubscribed on shared nodes
         threads = {k: str(self.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k not in os.environ}
-        # Its own process group: USR2 then reaches every rank of a multi-GPU child (torchrun
-        # forwards only SIGTERM/SIGINT to its workers).
-        self._child = subprocess.Popen(self.command, env={**os.environ, **threads, "PYTHONUNBUFFERED": "1"},
-                                       start_new_session=True, **popen_kwargs)
+        # Its own process group, so that USR2 reaches every rank. The group starts with USR2
+        # ignored: torchrun would die of it (it forwards only SIGTERM/SIGINT and does not handle
+        # USR2), while the training processes install their own handler.
+        self._child = subprocess.Popen(command, env={**os.environ, **threads, "PYTHONUNBUFFERED": "1"},
+                                       start_new_session=True, preexec_fn=_ignore_usr2, **popen_kwargs)
         return self._child
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
@@ -111,19 +118,30 @@ class CellJob:
                 log.error("training process did not exit within %.0f s; killing it", self.stop_timeout_s)
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
-        return submitit.helpers.DelayedSubmission(CellJob(self.command, self.run_dir, self.stop_timeout_s, self.threads))
+        return submitit.helpers.DelayedSubmission(CellJob(self.command, self.run_dir, self.stop_timeout_s, self.threads, self.gpus))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_child": None}  # a process handle does not survive pickling
 
 
-def train_command(run_dir: Path, gpus: int = 1) -> list[str]:
-    """What a cell job runs: the training entry point on the config snapshot in the cell folder,
-    under torchrun (one process per GPU) when the cell has several GPUs."""
-    entry = ["-m", "nli_grpo.train", "--config", str(run_dir / CONFIG_FILENAME), "--output-dir", str(run_dir)]
-    if gpus > 1:
-        return [sys.executable, "-u", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *entry]
-    return [sys.executable, "-u", *entry]
+def train_command(run_dir: Path) -> list[str]:
+    """What a cell job runs: the training entry point on the config snapshot in the cell folder."""
+    return [sys.executable, "-u", "-m", "nli_grpo.train", "--config", str(run_dir / CONFIG_FILENAME), "--output-dir", str(run_dir)]
+
+
+def with_torchrun(command: list[str], processes: int) -> list[str]:
+    """`python -u -m X ...` as `python -u -m torch.distributed.run ... -m X ...`: one process per GPU."""
+    return [*command[:2], "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *command[2:]]
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _ignore_usr2() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def write_config_snapshot(cfg, run_dir: Path) -> None:
@@ -207,8 +225,9 @@ def submit_cells(cells: list, options: LaunchOptions, folder: Path, name: str, m
                 write_config_snapshot(cell.cfg, cell.run_dir)
             try:
                 with executor.batch():
-                    submitted = [executor.submit(CellJob(train_command(c.run_dir, c.cfg.resources.gpus_per_node), str(c.run_dir), options.stop_timeout_s,
-                                                         c.cfg.resources.cpus_per_task)) for c in chunk]
+                    submitted = [executor.submit(CellJob(train_command(c.run_dir), str(c.run_dir), options.stop_timeout_s,
+                                                         c.cfg.resources.cpus_per_task, c.cfg.resources.gpus_per_node))
+                                 for c in chunk]
             except Exception as err:  # noqa: BLE001 - report, keep what was submitted
                 return jobs, [f"submission of {len(chunk)} cells failed: {err}"]
             jobs.update({c.cfg.output.cell_id: job for c, job in zip(chunk, submitted)})

@@ -306,7 +306,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
             _move_aside_if_complete(c, sweep_dir)
     folder = sweep_dir / launch.LOGS_DIRNAME
     jobs, errors = launch.submit_cells(todo, options, folder, f"nli_grpo_{name}", array_limit)
-    described = {c.cell_id: {"cell": cell_from_config(c.cfg), "run_dir": str(c.run_dir), "command": launch.train_command(c.run_dir, c.cfg.resources.gpus_per_node)}
+    described = {c.cell_id: {"cell": cell_from_config(c.cfg), "run_dir": str(c.run_dir), "command": launch.train_command(c.run_dir)}
                  for c in cells if c.cfg is not None}
     if jobs or not errors:
         launch.record_submission(sweep_dir, described, launch.submission_record(args.cluster, folder, jobs))

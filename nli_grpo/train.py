@@ -83,8 +83,13 @@ def slurm_info(previous: dict | None) -> dict:
     return info
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a single-process run: the one that writes results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class RunRecord:
-    """The run's result.json, rewritten atomically on every change."""
+    """The run's result.json, rewritten atomically on every change (by the main process only)."""
 
     def __init__(self, cfg: ExperimentConfig):
         self.path = Path(cfg.output.dir) / results.RESULT_FILENAME
@@ -111,7 +116,8 @@ class RunRecord:
 
     def update(self, **fields) -> None:
         self.doc.update(fields, updated_at=results.now_iso())
-        results.atomic_write_json(self.path, self.doc)
+        if is_main_process():
+            results.atomic_write_json(self.path, self.doc)
 
     def stage_done(self, stage: str) -> bool:
         return stage in self.doc["stages_done"]
@@ -225,7 +231,10 @@ def trl_args(cfg: ExperimentConfig, output_dir: Path):
 
     g = cfg.grpo
     cuda = torch.cuda.is_available()
-    world = max(1, cfg.resources.gpus_per_node) if cuda else 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes actually started (torchrun sets it)
+    if g.completions_per_step % (g.gradient_accumulation_steps * world):
+        raise ConfigError(f"grpo.completions_per_step={g.completions_per_step} is not divisible by "
+                          f"grpo.gradient_accumulation_steps ({g.gradient_accumulation_steps}) x {world} processes")
     deepspeed = None
     if g.deepspeed:
         deepspeed = str(Path(__file__).with_name("assets") / DEEPSPEED_CONFIGS[g.deepspeed]) if g.deepspeed in DEEPSPEED_CONFIGS else g.deepspeed
@@ -418,6 +427,8 @@ def run(cfg: ExperimentConfig, reward_funcs=None) -> int:
         if cfg.stage == "grpo" and not record.stage_done("train"):
             if not train(cfg, record, stop, reward_funcs):
                 return EXIT_PREEMPTED
+        if not is_main_process():
+            return 0  # evaluation runs once, on rank 0
         if cfg.eval.after_training and not record.stage_done("eval"):
             from .evaluate import evaluate_run
 

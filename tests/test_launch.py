@@ -181,7 +181,7 @@ def test_force_moves_a_complete_cell_aside_so_that_it_starts_fresh_and_keeps_a_f
 
 
 def test_a_multi_gpu_cell_trains_under_torchrun_one_process_per_gpu(tmp_path):
-    single = launch.train_command(tmp_path, gpus=1)
-    multi = launch.train_command(tmp_path, gpus=4)
-    assert single[-6:] == multi[-6:] and "torch.distributed.run" not in single
-    assert multi[multi.index("torch.distributed.run") + 1:][:2] == ["--standalone", "--nproc_per_node=4"]
+    single = launch.train_command(tmp_path)
+    multi = launch.with_torchrun(single, 4)
+    assert multi[:2] == single[:2] and multi[-6:] == single[-6:]
+    assert multi[2:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]

@@ -112,7 +112,8 @@ def target_token_reward(completions, completion_ids, **_):
 
 LEARNING_OVERRIDES = [
     "grpo.max_steps=40", "grpo.num_generations=8", "grpo.completions_per_step=16", "grpo.num_iterations=1",
-    "grpo.beta=0.0", "grpo.learning_rate=0.02", "grpo.warmup_steps=0", "grpo.lr_scheduler_type=constant",
+    # The first fifth of the steps warms the lr up from 0: it measures the untrained policy.
+    "grpo.beta=0.0", "grpo.learning_rate=0.02", "grpo.warmup_steps=8", "grpo.lr_scheduler_type=constant_with_warmup",
     "grpo.max_completion_length=8", "grpo.temperature=1.0", "grpo.top_k=0", "grpo.save_steps=1000",
     "eval.after_training=false", "lora.rank=16",
 ]
