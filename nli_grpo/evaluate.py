@@ -10,6 +10,7 @@ One engine serves every set; prompts go to it sorted by length for throughput.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -88,8 +89,6 @@ class VLLMGenerator:
     """Generation with vLLM; the adapter is served as a LoRA request on the base model."""
 
     def __init__(self, cfg: ExperimentConfig, adapter: Path | None):
-        import json
-
         from .rollout import build_llm
 
         self.cfg = cfg
@@ -180,7 +179,11 @@ def main(argv=None) -> int:
         return score_main(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    overrides = list(args.overrides) + ["eval.after_training=true"]
+    if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
+        print(f"error: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)", file=sys.stderr)
+        return 2
+    # Results go to results/eval/<cell> unless --out or output.* say otherwise.
+    overrides = ["output.sweep=eval", *args.overrides, "eval.after_training=true"]
     if args.base:
         overrides.append(f"model.name_or_path={args.base}")
     if args.quantization:
@@ -193,6 +196,8 @@ def main(argv=None) -> int:
         overrides.append(f"eval.limit={args.limit}")
     if args.adapter is None:
         overrides.append("stage=zero_shot")
+    else:  # the cell records the adapter's own rank, whatever the recipe says
+        overrides.append(f"lora.rank={json.loads((args.adapter / 'adapter_config.json').read_text())['r']}")
     from .train import config_for_run, run
 
     try:
@@ -200,14 +205,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.adapter is not None:
-        if not (args.adapter / "adapter_config.json").is_file():
-            print(f"error: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)", file=sys.stderr)
-            return 2
-        # Evaluate only: the training stage is marked done so `run` goes straight to evaluation.
-        cfg.output.dir = str(args.out or Path("results") / "eval" / cfg.output.cell_id)
-        return _evaluate_adapter(cfg, args.adapter)
-    return run(cfg)
+    return run(cfg) if args.adapter is None else _evaluate_adapter(cfg, args.adapter)
 
 
 def _evaluate_adapter(cfg: ExperimentConfig, adapter: Path) -> int:
