@@ -18,21 +18,26 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
-from .results import atomic_open
+from .results import append_jsonl, atomic_open, read_jsonl
 
 log = logging.getLogger("nli_grpo.bootstrap")
 
 
-def hard_items(rows: list[dict], completions: list[list[str]], below: float) -> list[dict]:
-    """Rows whose share of correct completions is below `below`, with that share recorded."""
+#: Items sampled between two appends to the progress file: what a preemption can cost.
+CHUNK = 2000
+
+
+def sampled(rows: list[dict], completions: list[list[str]]) -> list[dict]:
+    """Each row (ANLI schema, `uid`) with the share of its completions that got the gold label."""
     from .prompts import extract_label
 
-    kept = []
-    for row, texts in zip(rows, completions):
-        accuracy = sum(extract_label(t) == row["label"] for t in texts) / len(texts)
-        if accuracy < below:
-            kept.append({**row, "bootstrap_accuracy": round(accuracy, 6), "bootstrap_samples": len(texts)})
-    return kept
+    return [{**row, "bootstrap_accuracy": round(sum(extract_label(t) == row["label"] for t in texts) / len(texts), 6),
+             "bootstrap_samples": len(texts)} for row, texts in zip(rows, completions)]
+
+
+def hard_items(records: list[dict], below: float) -> list[dict]:
+    """The sampled items whose accuracy is below `below`."""
+    return [r for r in records if r["bootstrap_accuracy"] < below]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -44,6 +49,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nli_grpo.bootstrap", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="base model (hub id, folder, or `tiny`)")
+    parser.add_argument("--quantization", choices=("bf16", "awq", "bnb4"),
+                        help="quantization of the base model (default: awq for an -AWQ checkpoint, else bf16)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the pool (.jsonl)")
     parser.add_argument("--rounds", default="anli_train_r1,anli_train_r2,anli_train_r3", help="ANLI train sources to sample")
     parser.add_argument("--samples", type=int, default=4, help="completions per item (default 4, the GRPO group size)")
@@ -61,9 +68,11 @@ def main(argv=None) -> int:
     from .config import load_config
     from .data import load_train_source
     from .evaluate import make_generator
+    from .models import default_quantization
     from .prompts import render_prompt
 
-    overrides = [*args.overrides, f"model.name_or_path={args.base}", "stage=zero_shot"]
+    overrides = [*args.overrides, f"model.name_or_path={args.base}", "stage=zero_shot",
+                 f"model.quantization={args.quantization or default_quantization(args.base)}"]
     if args.backend:
         overrides.append(f"eval.backend={args.backend}")
     try:
@@ -77,11 +86,27 @@ def main(argv=None) -> int:
     rows = []
     for source in args.rounds.split(","):
         data = load_train_source(source, local_dir=cfg.data.local_dir, files=cfg.data.files, hub=cfg.data.hub, limit=args.limit)
-        rows += [{k: r[k] for k in ("id", "premise", "hypothesis", "label")} | {"round": source} for r in data.dataset]
-    generator = make_generator(cfg, adapter=None)
-    prompts = [render_prompt(generator.tokenizer, r["premise"], r["hypothesis"]) for r in rows]
-    completions = generator.sample(prompts, args.samples, desc="bootstrap")
-    pool = [{"uid": r.pop("id"), **r} for r in hard_items(rows, completions, args.below)]
+        rows += [{"uid": r["id"], "premise": r["premise"], "hypothesis": r["hypothesis"], "label": r["label"],
+                  "round": source} for r in data.dataset]
+    # Every sampled item is appended to a progress file chunk by chunk: a rerun after a
+    # preemption samples only what is missing.
+    progress = args.out.with_name(args.out.name + ".progress.jsonl")
+    earlier = read_jsonl(progress)
+    if any(r["bootstrap_samples"] != args.samples for r in earlier):
+        print(f"error: {progress} holds items sampled with another --samples; remove it to start over", file=sys.stderr)
+        return 2
+    seen = {r["uid"] for r in earlier}
+    todo = [r for r in rows if r["uid"] not in seen]
+    if todo:
+        generator = make_generator(cfg, adapter=None)
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start:start + CHUNK]
+            prompts = [render_prompt(generator.tokenizer, r["premise"], r["hypothesis"]) for r in chunk]
+            completions = generator.sample(prompts, args.samples, desc=f"bootstrap {start + len(chunk)}/{len(todo)}")
+            for record in sampled(chunk, completions):
+                append_jsonl(progress, record)
+    wanted = {r["uid"] for r in rows}
+    pool = hard_items([r for r in read_jsonl(progress) if r["uid"] in wanted], args.below)
     write_jsonl(args.out, pool)
     print(f"kept {len(pool)} of {len(rows)} items (accuracy < {args.below} over {args.samples} samples) -> {args.out}")
     return 0 if pool else 1

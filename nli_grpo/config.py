@@ -139,8 +139,7 @@ class DataConfig:
     hub: bool = True
     """Allow downloading from the Hugging Face hub when no local file is found."""
     train_limit: Optional[int] = None
-    """Use only the first N training prompts."""
-    shuffle_seed: int = 0
+    """Use only the first N training prompts (their order is shuffled with the run's seed)."""
 
 
 @dataclass
@@ -327,7 +326,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.model.quantization == "awq":
         _require("awq" in cfg.model.name_or_path.lower() or Path(cfg.model.name_or_path).is_dir(),
                  f"model.quantization=awq needs a pre-quantised AWQ checkpoint (e.g. Qwen/Qwen2.5-7B-Instruct-AWQ), "
-                 f"not {cfg.model.name_or_path!r}")
+                 f"not {cfg.model.name_or_path!r}; for an unquantised checkpoint set model.quantization=bf16 (or bnb4)")
     _choice("data.train_source", cfg.data.train_source, tuple(TRAIN_SOURCES))
     _require(cfg.rollout.backend != "vllm" or cfg.resources.gpus_per_node <= 1,
              f"rollout.backend=vllm runs colocated in one training process; with resources.gpus_per_node="

@@ -68,9 +68,13 @@ class HFGenerator:
         for start in tqdm(range(0, len(order), size), desc=desc, unit="batch"):
             batch = order[start:start + size]
             enc = self.tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(self.model.device)
-            sampling = dict(do_sample=True, temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p) if sample else dict(do_sample=False)
+            # Every decoding field explicit: transformers fills unset ones from the checkpoint's
+            # generation_config (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20, top_p 0.8).
+            sampling = (dict(do_sample=True, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p) if sample
+                        else dict(do_sample=False, temperature=None, top_k=None, top_p=None))
             with torch.no_grad():
-                gen = self.model.generate(**enc, **sampling, num_return_sequences=n, max_new_tokens=max(budgets[i] for i in batch),
+                gen = self.model.generate(**enc, **sampling, repetition_penalty=1.0, num_return_sequences=n,
+                                          max_new_tokens=max(budgets[i] for i in batch),
                                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
             new = gen[:, enc["input_ids"].shape[1]:]
             for row, i in enumerate(b for b in batch for _ in range(n)):
@@ -129,39 +133,47 @@ def make_generator(cfg: ExperimentConfig, adapter: Path | None):
     return (VLLMGenerator if cfg.eval.backend == "vllm" else HFGenerator)(cfg, adapter)
 
 
-def evaluate_run(cfg: ExperimentConfig, adapter: Path | None, stop=None, generator=None) -> dict | None:
+def evaluate_run(cfg: ExperimentConfig, adapter: Path | None, stop=None, generator=None,
+                 done: dict | None = None, on_set_done=None) -> dict | None:
     """Evaluate the base model (adapter None: the zero-shot baseline) or base + adapter on
     cfg.eval.benchmarks. Writes per-example predictions under `<output.dir>/predictions/` and
-    returns the `eval` block of result.json, or None when a stop was requested between sets."""
+    returns the `eval` block of result.json, or None when a stop was requested between sets.
+
+    `done`: entries of sets already evaluated (a resumed job), kept and not redone;
+    `on_set_done(block)` is called after each set, so a stopped job loses no finished set."""
     from .scoring import GROUP_FIELDS, prediction_records, predictions_path, score_benchmark, write_predictions
 
-    generator = generator or make_generator(cfg, adapter)
-    tokenizer = generator.tokenizer
-    block: dict = {}
+    block = {name: entry for name, entry in (done or {}).items() if name in cfg.eval.benchmarks}
     for name in cfg.eval.benchmarks:
+        if name in block:
+            continue
         if stop is not None and stop.is_set():
             return None
+        generator = generator or make_generator(cfg, adapter)  # not started when nothing is left
         bench = load_benchmark(name, local_dir=cfg.data.local_dir, files=cfg.data.files, hub=cfg.data.hub, limit=cfg.eval.limit)
         ds = bench.dataset
-        prompts = [render_prompt(tokenizer, p, h) for p, h in zip(ds["premise"], ds["hypothesis"])]
+        prompts = [render_prompt(generator.tokenizer, p, h) for p, h in zip(ds["premise"], ds["hypothesis"])]
         started = time.time()
         completions = generator.generate(prompts, desc=name)
         groups = {c: list(ds[c]) for c in GROUP_FIELDS if c in ds.column_names}
         entry = score_benchmark(name, ds["label"], completions, groups or None)
         entry.update(source=bench.source, n_dropped=bench.n_dropped, seconds=round(time.time() - started, 2))
-        block[name] = entry
         records = prediction_records(name, ds["id"], ds["label"], completions, groups or None)
         write_predictions(predictions_path(cfg.output.dir, name), records)
+        block[name] = entry
+        if on_set_done is not None:
+            on_set_done(dict(block))
         log.info("%s: accuracy %s (strict %s, unparseable %.3f, n %d)", name, entry["accuracy"],
                  entry["accuracy_strict"], entry["unparseable_rate"], entry["n"])
-    return block
+    return {name: block[name] for name in cfg.eval.benchmarks}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nli_grpo.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="base model: hub id, folder, `tiny` or `random:qwen2.5-7b`")
     parser.add_argument("--adapter", type=Path, help="LoRA adapter folder (omit for the zero-shot baseline)")
-    parser.add_argument("--quantization", choices=("bf16", "awq", "bnb4"), help="quantization of the base model")
+    parser.add_argument("--quantization", choices=("bf16", "awq", "bnb4"),
+                        help="quantization of the base model (default: awq for an -AWQ checkpoint, else bf16)")
     parser.add_argument("--benchmarks", help=f"comma list (default: all 13): {','.join(BENCHMARKS)}")
     parser.add_argument("--config", default="paper", help="recipe for eval/data settings (default: paper)")
     parser.add_argument("--backend", choices=("vllm", "hf"), help="generation backend (default: the recipe's)")
@@ -182,12 +194,14 @@ def main(argv=None) -> int:
     if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
         print(f"error: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)", file=sys.stderr)
         return 2
+    from .models import default_quantization
+
     # Results go to results/eval/<cell> unless --out or output.* say otherwise.
     overrides = ["output.sweep=eval", *args.overrides, "eval.after_training=true"]
     if args.base:
         overrides.append(f"model.name_or_path={args.base}")
-    if args.quantization:
-        overrides.append(f"model.quantization={args.quantization}")
+    if args.quantization or args.base:
+        overrides.append(f"model.quantization={args.quantization or default_quantization(args.base)}")
     if args.benchmarks:
         overrides.append(f"eval.benchmarks=[{args.benchmarks}]")
     if args.backend:
@@ -212,10 +226,12 @@ def _evaluate_adapter(cfg: ExperimentConfig, adapter: Path) -> int:
     from .train import RunRecord
 
     record = RunRecord(cfg)
-    record.update()
+    if record.doc.get("adapter") != str(adapter.resolve()):
+        record.doc["eval"] = {}  # sets kept from an earlier run are another adapter's
+    record.update(adapter=str(adapter.resolve()))
     try:
-        evaluation = evaluate_run(cfg, adapter=adapter)
-        record.mark_stage_done("eval", eval=evaluation, status="complete", adapter=str(adapter.resolve()))
+        evaluation = evaluate_run(cfg, adapter=adapter, done=record.doc["eval"], on_set_done=lambda b: record.update(eval=b))
+        record.mark_stage_done("eval", eval=evaluation, status="complete")
     except BaseException as err:
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
         raise

@@ -185,6 +185,29 @@ def model_shape(name_or_path: str) -> dict | None:
     return None
 
 
+def base_weights_gb(cfg: ExperimentConfig) -> float | None:
+    """Memory of the frozen base weights in GB (2**30 bytes) in the cell's quantization, from the
+    model's shape; None for an unknown model."""
+    shape = model_shape(cfg.model.name_or_path)
+    if shape is None:
+        return None
+    h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv_dim = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
+    linear_params = layers * (2 * h * h + 2 * h * kv_dim + 3 * h * inter)
+    embeddings = 2 * shape["vocab_size"] * h * 2  # embeddings + lm_head stay 16-bit
+    return (linear_params * _BYTES_PER_LINEAR_WEIGHT[cfg.model.quantization] + embeddings) / 2.0**30
+
+
+def vllm_rollout_share(cfg: ExperimentConfig, gpu_gb: float) -> float:
+    """Share of a GPU of `gpu_gb` that colocated vLLM rollouts take: rollout.gpu_memory_utilization
+    when set, else the base weights plus a KV cache of _VLLM_KV_GB, between 0.15 and 0.6. The
+    sweep validator and the job both use this, so what is checked is what is asked for."""
+    if cfg.rollout.gpu_memory_utilization:
+        return cfg.rollout.gpu_memory_utilization
+    weights = base_weights_gb(cfg) or 16.0  # unknown model: assume a 7B in bf16
+    return round(min(0.6, max(0.15, (weights + _VLLM_KV_GB) / gpu_gb)), 3)
+
+
 def estimate_gpu_memory(cfg: ExperimentConfig) -> dict | None:
     """Rough per-GPU memory of a cell in GB (2**30 bytes), by component, with `total`: the frozen
     base weights, LoRA weights + grads + optimizer, activations (gradient checkpointing aware) and
@@ -201,11 +224,10 @@ def estimate_gpu_memory(cfg: ExperimentConfig) -> dict | None:
     linears = {"q_proj": (h, h), "k_proj": (h, kv_dim), "v_proj": (h, kv_dim), "o_proj": (h, h),
                "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     gb = 2.0**30
-    linear_params = layers * sum(i * o for i, o in linears.values())
-    weights = linear_params * _BYTES_PER_LINEAR_WEIGHT[cfg.model.quantization] + 2 * vocab * h * 2  # embeddings + lm_head stay 16-bit
+    weights = base_weights_gb(cfg)
     if cfg.grpo.deepspeed == "zero3":
         weights /= gpus
-    parts = {"weights": weights / gb}
+    parts = {"weights": weights}
     g = cfg.grpo
     if cfg.stage == "grpo":
         lora_params = layers * cfg.lora.rank * sum(sum(linears[t]) for t in cfg.lora.target_modules)
@@ -220,8 +242,7 @@ def estimate_gpu_memory(cfg: ExperimentConfig) -> dict | None:
         if cfg.rollout.backend == "hf":
             parts["generation_kv"] = tokens * layers * 2 * kv_dim * 2 / gb
         else:
-            share = cfg.rollout.gpu_memory_utilization or min(0.6, max(0.15, (parts["weights"] + _VLLM_KV_GB) / cfg.resources.gpu_memory_gb))
-            parts["vllm_share"] = share * cfg.resources.gpu_memory_gb
+            parts["vllm_share"] = vllm_rollout_share(cfg, cfg.resources.gpu_memory_gb) * cfg.resources.gpu_memory_gb
     parts["overhead"] = _OVERHEAD_GB
     parts["total"] = sum(parts.values())
     return {k: round(v, 1) for k, v in parts.items()}

@@ -97,9 +97,9 @@ class CellJob:
         log.info("starting %s", shlex.join(command))
         # torch otherwise starts a thread per core of the node: oversubscribed on shared nodes
         threads = {k: str(self.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k not in os.environ}
-        # Its own process group, so that USR2 reaches every rank. The group starts with USR2
-        # ignored: torchrun would die of it (it forwards only SIGTERM/SIGINT and does not handle
-        # USR2), while the training processes install their own handler.
+        # USR2 starts ignored: torchrun would die of it (it handles only SIGTERM/SIGINT), while
+        # the training processes install their own handler. Its own session keeps the job's
+        # terminal signals to the job.
         self._child = subprocess.Popen(command, env={**os.environ, **threads, "PYTHONUNBUFFERED": "1"},
                                        start_new_session=True, preexec_fn=_ignore_usr2, **popen_kwargs)
         return self._child
@@ -110,13 +110,14 @@ class CellJob:
         if child is not None and child.poll() is None:
             log.warning("forwarding SIGUSR2 to the training process %d; waiting up to %.0f s for it to save",
                         child.pid, self.stop_timeout_s)
-            os.killpg(child.pid, signal.SIGUSR2)
+            processes = _process_tree(child.pid)
+            _send(processes, signal.SIGUSR2)
             try:
                 child.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 # its last complete checkpoint is on disk; a half-written one is never loaded
                 log.error("training process did not exit within %.0f s; killing it", self.stop_timeout_s)
-                os.killpg(child.pid, signal.SIGKILL)
+                _send(processes, signal.SIGKILL)
                 child.wait()
         return submitit.helpers.DelayedSubmission(CellJob(self.command, self.run_dir, self.stop_timeout_s, self.threads, self.gpus))
 
@@ -142,6 +143,28 @@ def _cuda_device_count() -> int:
 
 def _ignore_usr2() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _process_tree(pid: int) -> list:
+    """The process and all its descendants. Not a process group: torchrun starts each worker in
+    a session of its own, so only the tree reaches every rank."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _send(processes: list, sig: int) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def write_config_snapshot(cfg, run_dir: Path) -> None:

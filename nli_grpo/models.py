@@ -61,6 +61,12 @@ def model_key(name_or_path: str) -> str:
     return name
 
 
+def default_quantization(name_or_path: str) -> str:
+    """What a checkpoint name implies when the user gives no quantization: `awq` for a
+    pre-quantised AWQ checkpoint (`...-AWQ`), else `bf16`."""
+    return "awq" if "awq" in Path(name_or_path.rstrip("/")).name.lower() else "bf16"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("NLI_GRPO_CACHE", Path.home() / ".cache" / "nli_grpo"))
 
@@ -166,13 +172,16 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-def load_base_model(model_cfg: ModelConfig):
+def load_base_model(model_cfg: ModelConfig, zero3: bool = False):
     """The frozen base model in the config's quantization.
 
     - bf16: the checkpoint as is, in `compute_dtype`.
     - awq: a pre-quantised AWQ checkpoint; transformers 5 reads its quantization_config and loads
       it through gptqmodel (AutoAWQ is archived). Needs a CUDA GPU and `pip install gptqmodel`.
-    - bnb4: bitsandbytes NF4 with double quantisation, quantised at load time (QLoRA)."""
+    - bnb4: bitsandbytes NF4 with double quantisation, quantised at load time (QLoRA).
+
+    Under torchrun each process loads onto its own GPU (LOCAL_RANK); under DeepSpeed ZeRO-3 no
+    device map is given (DeepSpeed partitions the weights; its config must exist first)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = resolve_model_path(model_cfg.name_or_path)
@@ -188,8 +197,8 @@ def load_base_model(model_cfg: ModelConfig):
         )
     elif model_cfg.quantization == "awq":
         _require_awq_backend()
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if torch.cuda.is_available() and not zero3:
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if model_cfg.quantization == "awq" and getattr(model.config, "quantization_config", None) is None:
         raise ValueError(f"model.quantization=awq but {model_cfg.name_or_path} has no quantization_config: "

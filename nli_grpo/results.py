@@ -7,13 +7,14 @@ A result document::
 
     {
       "schema_version": 1, "tool": "nli_grpo",
-      "sweep": "lora_rank", "cell_id": "qwen2.5-7b-instruct__bf16__r64__s0",
+      "sweep": "lora_rank", "cell_id": "qwen2.5-7b__bf16__r64__s0__vllm",
       "status": "complete" | "failed" | "running" | "preempted",
       "cell": {"model": ..., "quantization": "bf16"|"awq"|"bnb4", "lora_rank": 64 | null,
                "seed": 0, "stage": "grpo" | "zero_shot", ...any other axis},
       "config": {...the fully resolved experiment config...},
       "versions": {"torch": ..., "transformers": ..., ...},
       "slurm": {"job_id": ..., "array_job_id": ..., "array_task_id": ..., "attempts": 1, ...},
+      "adapter": null | "/path/evaluated" (nli_grpo.evaluate --adapter),
       "train": null | {"steps_done", "max_steps", "wall_time_s", "peak_memory_gb", "tokens_per_s",
                        "reward_first", "reward_last", "kl_last", "skipped_zero_advantage", ...},
       "eval": {"anli_r1": {"accuracy", "accuracy_strict", "unparseable_rate", "n", ...}, ...},

@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 #: LoRA ranks vLLM's kernels are built for; max_lora_rank must be one of them.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTERS_DIRNAME = "rollout_adapters"
-# Rough weight footprint (bytes per parameter) for the derived vLLM memory share.
-_BYTES_PER_PARAM = {"bf16": 2.0, "awq": 0.6, "bnb4": 0.6}
-_PARAMS_B = {"qwen2.5-7b": 7.6, "qwen2.5-14b": 14.8, "qwen2.5-32b": 32.8}
 
 
 def vllm_max_lora_rank(rank: int) -> int:
@@ -44,23 +41,17 @@ def vllm_max_lora_rank(rank: int) -> int:
 
 
 def derived_memory_share(cfg: ExperimentConfig, purpose: str) -> float:
-    """vLLM's share of device memory when the config leaves it unset.
-
-    Evaluation has the GPU to itself (eval.gpu_memory_utilization). Colocated rollouts share it
-    with training: the base weights plus a KV cache of ~6 GiB, as a share of the GPU (never below
-    0.15 or above 0.6). On vLLM's CPU backend the share is of host memory: 0.2 (0.9 fails)."""
+    """vLLM's share of device memory. Evaluation has the GPU to itself
+    (eval.gpu_memory_utilization); colocated rollouts share it with training (the same formula
+    the sweep validator checks, grid.vllm_rollout_share). On vLLM's CPU backend the share is of
+    host memory: 0.2 (0.9 fails)."""
     if not torch.cuda.is_available():
         return 0.2
     if purpose == "eval":
         return cfg.eval.gpu_memory_utilization
-    if cfg.rollout.gpu_memory_utilization:
-        return cfg.rollout.gpu_memory_utilization
-    from .models import model_key
+    from .grid import vllm_rollout_share
 
-    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    key = model_key(cfg.model.name_or_path).removesuffix("-random")
-    weights = _PARAMS_B.get(key, 8.0) * _BYTES_PER_PARAM[cfg.model.quantization]
-    return round(min(0.6, max(0.15, (weights + 6.0) / total_gib)), 3)
+    return vllm_rollout_share(cfg, torch.cuda.get_device_properties(0).total_memory / 2**30)
 
 
 def build_llm(cfg: ExperimentConfig, purpose: str, lora_rank: int | None):
@@ -153,7 +144,10 @@ def make_vllm_trainer_class(base):
         def close_rollout(self) -> None:
             import gc
 
+            if self.llm is None:
+                return
             self.hot_swap.close()
+            self.llm.llm_engine.engine_core.shutdown()  # its worker processes hold the memory
             self.llm = self.hot_swap.llm = None
             gc.collect()
 

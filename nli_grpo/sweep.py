@@ -221,7 +221,10 @@ def results_dir_problem(sweep_dir: Path) -> str | None:
 
 def decide(cells: list[PlannedCell], sweep_dir: Path, force: bool, queue=launch.queued_jobs) -> None:
     """Set each valid cell's action from its status: queued cells are never submitted again,
-    complete ones only with --force, everything else (failed, preempted, missing) is submitted."""
+    complete ones only with --force, everything else (failed, preempted, missing) is submitted.
+    Without a queue to ask (local runs), a cell whose result says running is left alone too.
+    A cell whose earlier run used other settings is refused: resuming its checkpoints under a
+    new config would mix two experiments (--force starts it afresh, the old run moved aside)."""
     valid = [c for c in cells if not c.problems]
     states = {s.cell_id: s for s in status.sweep_status(sweep_dir, [c.cell_id for c in valid], queue=queue, accounting=None)}
     for cell in valid:
@@ -230,8 +233,29 @@ def decide(cells: list[PlannedCell], sweep_dir: Path, force: bool, queue=launch.
             cell.action, cell.reason = "skip", f"{state.state} (job {state.job_id})"
         elif state.state == "complete" and not force:
             cell.action, cell.reason = "skip", "complete"
+        elif state.state == "running" and queue is None and not force:
+            cell.action, cell.reason = "skip", "running (no queue to ask; --force if it died)"
+        elif (changed := changed_settings(cell)) and not force:
+            cell.problems.append(f"its earlier run used other settings ({', '.join(changed)}); rerun with the "
+                                 "settings it was submitted with, or --force to start it afresh")
         else:
-            cell.action, cell.reason = "submit", state.state + (" (--force)" if state.state == "complete" else "")
+            cell.action, cell.reason = "submit", state.state + (" (--force)" if force and state.state != "missing" else "")
+
+
+def changed_settings(cell: PlannedCell) -> list[str]:
+    """Config sections that differ between the cell's earlier submission (its config snapshot)
+    and now; resources (time, memory) may change freely."""
+    from omegaconf import OmegaConf
+
+    from .config import config_from_dict
+    from .train import STAGE_INPUTS
+
+    snapshot = cell.run_dir / launch.CONFIG_FILENAME
+    if not snapshot.is_file():
+        return []
+    before = config_from_dict(OmegaConf.to_container(OmegaConf.load(snapshot))).to_dict()
+    now = cell.cfg.to_dict()
+    return [key for key in STAGE_INPUTS["eval"] if before.get(key) != now.get(key)]
 
 
 # --------------------------------------------------------------------------- output
@@ -303,7 +327,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         return 0
     if args.force:
         for c in todo:
-            _move_aside_if_complete(c, sweep_dir)
+            _move_aside(c, sweep_dir)
     folder = sweep_dir / launch.LOGS_DIRNAME
     jobs, errors = launch.submit_cells(todo, options, folder, f"nli_grpo_{name}", array_limit)
     described = {c.cell_id: {"cell": cell_from_config(c.cfg), "run_dir": str(c.run_dir), "command": launch.train_command(c.run_dir)}
@@ -333,11 +357,13 @@ def _local_gpu_problems(cells: list[PlannedCell]) -> list[str]:
     return []
 
 
-def _move_aside_if_complete(cell: PlannedCell, sweep_dir: Path) -> None:
-    """--force on a complete cell: keep the old run (hidden from aggregate) so that the new one starts fresh."""
+def _move_aside(cell: PlannedCell, sweep_dir: Path) -> None:
+    """--force on a cell with an earlier run (complete, or under other settings): keep that run
+    (hidden from aggregate) so that the new one starts fresh."""
     from . import results
 
-    if (results.load_existing(cell.run_dir / results.RESULT_FILENAME) or {}).get("status") == "complete":
+    complete = (results.load_existing(cell.run_dir / results.RESULT_FILENAME) or {}).get("status") == "complete"
+    if complete or changed_settings(cell):
         target = sweep_dir / ".replaced" / f"{cell.cell_id}.{results.now_iso().replace(':', '')}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(cell.run_dir), target)

@@ -88,27 +88,46 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+#: Config sections a finished stage depends on: it is reused by a restart only if they are unchanged.
+STAGE_INPUTS = {
+    "train": ("stage", "seed", "model", "lora", "grpo", "rollout", "data"),
+    "eval": ("stage", "seed", "model", "lora", "grpo", "rollout", "data", "eval"),
+}
+
+
+def reusable_stages(previous: dict, config: dict) -> list[str]:
+    """The finished stages of a previous attempt that the current config can keep: a restart
+    never redoes one, and a changed recipe never inherits one that used other inputs."""
+    old = previous.get("config", {})
+    return [stage for stage in previous.get("stages_done", [])
+            if all(old.get(k) == config.get(k) for k in STAGE_INPUTS.get(stage, ()))]
+
+
 class RunRecord:
     """The run's result.json, rewritten atomically on every change (by the main process only)."""
 
     def __init__(self, cfg: ExperimentConfig):
         self.path = Path(cfg.output.dir) / results.RESULT_FILENAME
         previous = results.load_existing(self.path) or {}
-        cell = cell_from_config(cfg)
+        config = cfg.to_dict()
+        stages = reusable_stages(previous, config)
+        eval_kept = all(previous.get("config", {}).get(k) == config.get(k) for k in STAGE_INPUTS["eval"])
         self.doc = {
             "schema_version": results.SCHEMA_VERSION,
             "tool": results.TOOL,
             "sweep": cfg.output.sweep,
             "cell_id": cfg.output.cell_id,
             "status": "running",
-            "cell": cell,
-            "config": cfg.to_dict(),
+            "cell": cell_from_config(cfg),
+            "config": config,
             "versions": results.package_versions(),
             "slurm": slurm_info(previous.get("slurm")),
             "model": None,
-            "train": previous.get("train"),
-            "eval": previous.get("eval", {}),
-            "stages_done": previous.get("stages_done", []),
+            "adapter": previous.get("adapter"),  # set by `nli_grpo.evaluate --adapter`
+            "train": previous.get("train") if "train" in stages else None,
+            # sets finished by an interrupted evaluation are kept (same inputs only)
+            "eval": previous.get("eval", {}) if eval_kept else {},
+            "stages_done": stages,
             "error": None,
             "created_at": previous.get("created_at", results.now_iso()),
             "updated_at": results.now_iso(),
@@ -192,6 +211,7 @@ def _trainer_callbacks(run_dir: Path, keep: int, stop: StopRequest):
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                 stop_now = bool(flag.item())
             if stop_now:
+                stop.event.set()  # a rank that did not get the signal itself must stop alike
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -204,23 +224,56 @@ def make_trainer_class():
     from trl import GRPOTrainer
 
     class NLIGRPOTrainer(GRPOTrainer):
+        """When every advantage of an update's batches is 0, the update is skipped entirely: no
+        forward/backward, no gradient clipping, no optimizer step (so neither the weights nor
+        AdamW's moments move). The lr schedule still advances: a skipped step is a step."""
+
         skip_zero_advantage_steps = True
         skipped_zero_advantage = 0
+        _update_has_signal = False  # some micro-batch of the current update had a non-zero advantage
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.skip_zero_advantage_steps and self.model.training:
+                self._guard_optimizer_step()
                 any_signal = inputs["advantages"].ne(0).any().float().reshape(1)
                 if self.accelerator.num_processes > 1:
                     # All ranks must agree, or DDP would wait forever for the skipping rank.
                     any_signal = self.accelerator.gather(any_signal)
                 if not any_signal.any():
-                    # A loss tied to no parameter: backward leaves every grad None, so the
-                    # optimizer skips all parameters (no Adam moment update, no decay).
                     self.skipped_zero_advantage += 1
                     self._metrics["train"]["skipped_zero_advantage"].append(1.0)
+                    # Tied to no parameter: backward leaves every gradient None.
                     return torch.zeros((), device=inputs["advantages"].device, requires_grad=True)
+                self._update_has_signal = True
                 self._metrics["train"]["skipped_zero_advantage"].append(0.0)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _guard_optimizer_step(self) -> None:
+            """Wrap the prepared optimizer's step (once) so that an update without signal does
+            not step. Calling it would also trip fp16's GradScaler, which asserts that it saw
+            gradients ("No inf checks were recorded")."""
+            optimizer = self.optimizer
+            if getattr(optimizer, "_nli_grpo_guarded", False):
+                return
+            real_step = optimizer.step
+
+            def step(*args, **kwargs):
+                result = real_step(*args, **kwargs) if self._update_has_signal else None
+                self._update_has_signal = False
+                return result
+
+            optimizer.step = step
+            optimizer._nli_grpo_guarded = True
+
+        def _clip_grad_norm(self, model):
+            if self.skip_zero_advantage_steps and not self._update_has_signal:
+                return torch.zeros(())  # nothing to clip; unscaling no gradients would trip fp16
+            return super()._clip_grad_norm(model)
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            if self.skip_zero_advantage_steps and not self._update_has_signal:
+                return 0.0
+            return super()._get_grad_norm(model, grad_norm)
 
     return NLIGRPOTrainer
 
@@ -251,6 +304,15 @@ def trl_args(cfg: ExperimentConfig, output_dir: Path):
         epsilon_high=g.epsilon,
         delta=None,
         importance_sampling_level="token",
+        # TRL 1.x defaults the paper's TRL 0.16 did not have, off so the objective is the paper's:
+        use_bias_correction_kl=False,   # plain k3 KL, not weighted by the importance ratio
+        vllm_importance_sampling_correction=False,
+        off_policy_mask_threshold=None,
+        entropy_coef=0.0,
+        top_entropy_quantile=1.0,
+        use_adaptive_entropy=False,
+        multi_objective_aggregation="sum_then_normalize",
+        reward_weights=None,
         scale_rewards=g.scale_rewards,
         loss_type=g.loss_type,
         mask_truncated_completions=False,
@@ -278,8 +340,7 @@ def trl_args(cfg: ExperimentConfig, output_dir: Path):
         save_strategy="steps",
         save_steps=g.save_steps,
         save_total_limit=None,
-        seed=cfg.seed,
-        data_seed=cfg.data.shuffle_seed,
+        seed=cfg.seed,  # also seeds TRL's prompt sampler
         shuffle_dataset=True,
         remove_unused_columns=False,
         report_to="none",
@@ -363,10 +424,13 @@ def build_trainer(cfg: ExperimentConfig, stop: StopRequest, reward_funcs=None):
     tokenizer = load_tokenizer(cfg.model)
     dataset, data_info = prompt_dataset(cfg, tokenizer)
     trainer_cls = trainer_class_for(cfg, make_trainer_class())
+    # The training arguments first: they set up the process's GPU and, under ZeRO-3, the
+    # DeepSpeed config that from_pretrained must see.
+    args = trl_args(cfg, Path(cfg.output.dir) / CHECKPOINTS_DIRNAME)
     trainer = trainer_cls(
-        model=load_base_model(cfg.model),
+        model=load_base_model(cfg.model, zero3=cfg.grpo.deepspeed == "zero3"),
         reward_funcs=reward_funcs or [nli_reward],
-        args=trl_args(cfg, Path(cfg.output.dir) / CHECKPOINTS_DIRNAME),
+        args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_lora_config(cfg.lora),
@@ -413,7 +477,20 @@ def train(cfg: ExperimentConfig, record: RunRecord, stop: StopRequest, reward_fu
         trainer.model.save_pretrained(run_dir / ADAPTER_DIRNAME)
         tokenizer.save_pretrained(run_dir / ADAPTER_DIRNAME)
     record.mark_stage_done("train", train=summary)
+    _release(trainer)
     return True
+
+
+def _release(trainer) -> None:
+    """Give back the trainer's GPU memory (model, optimizer, allocator cache) before evaluation
+    starts a vLLM engine that checks how much memory is free."""
+    import gc
+
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run(cfg: ExperimentConfig, reward_funcs=None) -> int:
@@ -433,7 +510,8 @@ def run(cfg: ExperimentConfig, reward_funcs=None) -> int:
             from .evaluate import evaluate_run
 
             adapter = Path(cfg.output.dir) / ADAPTER_DIRNAME if cfg.stage == "grpo" else None
-            evaluation = evaluate_run(cfg, adapter=adapter, stop=stop)
+            evaluation = evaluate_run(cfg, adapter=adapter, stop=stop, done=record.doc["eval"],
+                                      on_set_done=lambda block: record.update(eval=block))
             if evaluation is None:
                 record.update(status="preempted")
                 return EXIT_PREEMPTED

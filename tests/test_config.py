@@ -212,3 +212,18 @@ def test_deepspeed_presets_resolve_to_the_shipped_configs(tmp_path, preset, stag
     args = trl_args(config_for_run("smoke", [f"grpo.deepspeed={preset}"], str(tmp_path)), tmp_path)
     assert args.deepspeed.endswith(f"deepspeed_zero{stage}.json")
     assert args.hf_deepspeed_config.config["zero_optimization"]["stage"] == stage
+
+
+def test_trl_gets_the_papers_objective_not_trl_1x_defaults(tmp_path):
+    """TRL 1.x added options (on by default for some) that the paper's TRL 0.16 did not have."""
+    from nli_grpo.train import config_for_run, trl_args
+
+    args = trl_args(config_for_run("paper", ["model.quantization=bf16", "model.name_or_path=Qwen/Qwen2.5-7B-Instruct"],
+                                   str(tmp_path)), tmp_path)
+    assert (args.beta, args.epsilon, args.epsilon_high, args.num_iterations) == (0.01, 0.2, 0.2, 4)
+    assert (args.scale_rewards, args.loss_type, args.num_generations) == ("none", "grpo", 4)
+    assert args.use_bias_correction_kl is False and args.vllm_importance_sampling_correction is False
+    assert (args.entropy_coef, args.top_entropy_quantile, args.mask_truncated_completions) == (0.0, 1.0, False)
+    assert (args.temperature, args.top_k, args.top_p, args.max_completion_length) == (0.9, 50, 1.0, 512)
+    assert (args.learning_rate, args.lr_scheduler_type.value, args.warmup_steps, args.max_grad_norm) == (5e-6, "linear", 50, 1.0)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 8

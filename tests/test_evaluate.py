@@ -95,3 +95,29 @@ def test_command_line_zero_shot_and_adapter(tmp_path):
     assert doc["status"] == "complete" and doc["cell"]["lora_rank"] == 4 and doc["adapter"] == str(adapter.resolve())
     assert json.loads((tmp_path / "ad" / results.RESULT_FILENAME).read_text())["eval"]["anli_r1"]["n"] == 2
     assert main([*common, "--adapter", str(tmp_path)]) == 2  # not an adapter folder: refused
+
+
+def test_a_stopped_evaluation_keeps_its_finished_sets_and_the_restart_does_only_the_rest(tmp_path):
+    from nli_grpo.models import load_tokenizer
+    from nli_grpo.train import StopRequest
+
+    cfg = config_for_run("smoke", ["eval.benchmarks=[anli_r1,snli,hans_subsequence]"], str(tmp_path))
+
+    class Unparseable(ScriptedGenerator):
+        def generate(self, prompts, desc):
+            self.asked.append(desc)
+            return ["no answer"] * len(prompts)
+
+    generator = Unparseable(load_tokenizer(cfg.model))
+    generator.asked = []
+    stop, saved = StopRequest(), []
+
+    def after_each_set(block):
+        saved.append(block)
+        stop.event.set()  # e.g. USR2 arrived while the first set ran
+    assert evaluate_run(cfg, None, stop=stop, generator=generator, on_set_done=after_each_set) is None
+    assert generator.asked == ["anli_r1"] and list(saved[-1]) == ["anli_r1"]
+
+    block = evaluate_run(cfg, None, generator=generator, done=saved[-1])
+    assert generator.asked == ["anli_r1", "snli", "hans_subsequence"]
+    assert list(block) == ["anli_r1", "snli", "hans_subsequence"] and block["anli_r1"] == saved[-1]["anli_r1"]

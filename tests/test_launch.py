@@ -167,14 +167,14 @@ def test_cell_job_reports_the_childs_failure_with_the_recorded_error(tmp_path):
 
 
 def test_force_moves_a_complete_cell_aside_so_that_it_starts_fresh_and_keeps_a_failed_one(tmp_path):
-    from nli_grpo.sweep import _move_aside_if_complete
+    from nli_grpo.sweep import _move_aside
 
     complete, failed = smoke_cells(tmp_path)[:2]
     sweep_dir = tmp_path / "lora_rank-smoke"
     write_result(complete.run_dir, "complete")
     write_result(failed.run_dir, "failed")
-    _move_aside_if_complete(complete, sweep_dir)
-    _move_aside_if_complete(failed, sweep_dir)
+    _move_aside(complete, sweep_dir)
+    _move_aside(failed, sweep_dir)
     [kept] = (sweep_dir / ".replaced").iterdir()
     assert kept.name.startswith(complete.cell_id + ".") and (kept / results.RESULT_FILENAME).exists()
     assert not complete.run_dir.exists() and (failed.run_dir / results.RESULT_FILENAME).exists()
@@ -185,3 +185,51 @@ def test_a_multi_gpu_cell_trains_under_torchrun_one_process_per_gpu(tmp_path):
     multi = launch.with_torchrun(single, 4)
     assert multi[:2] == single[:2] and multi[-6:] == single[-6:]
     assert multi[2:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+
+
+def test_checkpoint_reaches_ranks_that_run_in_sessions_of_their_own(tmp_path):
+    """torchrun starts each worker with start_new_session=True: a process-group signal would miss
+    them, and torchrun itself must not die of USR2 (the job starts it with USR2 ignored)."""
+    saved = tmp_path / "saved"
+    worker = ("import pathlib, signal, sys, time\n"
+              f"def save(*_): pathlib.Path({str(saved)!r}).write_text('saved'); sys.exit(75)\n"
+              "signal.signal(signal.SIGUSR2, save)\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(60)\n")
+    launcher = ("import subprocess, sys\n"
+                f"worker = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True)\n"
+                "sys.exit(worker.wait())\n")
+    job = launch.CellJob([sys.executable, "-c", launcher], str(tmp_path), stop_timeout_s=20)
+    job.start_child(stdout=subprocess.PIPE, text=True)
+    assert job._child.stdout.readline() == "ready\n"
+    job.checkpoint()
+    assert saved.read_text() == "saved" and job._child.returncode == 75
+
+
+def test_a_rerun_with_other_settings_is_refused_and_force_starts_the_cell_afresh(tmp_path):
+    from nli_grpo.sweep import _move_aside
+
+    [first] = smoke_cells(tmp_path, "--ranks", "8")
+    sweep_dir = tmp_path / "lora_rank-smoke"
+    launch.write_config_snapshot(first.cfg, first.run_dir)
+    write_result(first.run_dir, "preempted", steps=4)
+    [same] = smoke_cells(tmp_path, "--ranks", "8", "grpo.save_steps=6")
+    decide([same], sweep_dir, force=False, queue=lambda: {})
+    assert same.problems and "other settings (grpo)" in same.problems[0] and "--force" in same.problems[0]
+
+    [unchanged] = smoke_cells(tmp_path, "--ranks", "8", "resources.mem_gb=4")  # resources may change
+    decide([unchanged], sweep_dir, force=False, queue=lambda: {})
+    assert not unchanged.problems and unchanged.action == "submit"
+
+    [forced] = smoke_cells(tmp_path, "--ranks", "8", "grpo.save_steps=6")
+    decide([forced], sweep_dir, force=True, queue=lambda: {})
+    assert not forced.problems and forced.action == "submit"
+    _move_aside(forced, sweep_dir)
+    assert not forced.run_dir.exists() and len(list((sweep_dir / ".replaced").iterdir())) == 1
+
+
+def test_a_local_cell_that_says_running_is_not_started_twice(tmp_path):
+    [cell] = smoke_cells(tmp_path, "--ranks", "8")
+    write_result(cell.run_dir, "running", steps=2)
+    decide([cell], tmp_path / "lora_rank-smoke", force=False, queue=None)
+    assert cell.action == "skip" and "running" in cell.reason

@@ -145,3 +145,16 @@ def test_steps_whose_advantages_are_all_zero_change_nothing(tmp_path):
     assert lora_b and all(t.abs().max().item() == 0.0 for t in lora_b)
     doc = json.loads((tmp_path / "run" / "result.json").read_text())
     assert doc["train"]["skipped_zero_advantage_steps"] == 3
+
+
+def test_a_restart_keeps_finished_stages_only_while_their_inputs_are_unchanged():
+    from nli_grpo.config import load_config
+    from nli_grpo.train import reusable_stages
+
+    before = load_config("smoke").to_dict()
+    previous = {"config": before, "stages_done": ["train", "eval"]}
+    assert reusable_stages(previous, before) == ["train", "eval"]
+    more_sets = load_config("smoke", ["eval.limit=100"]).to_dict()
+    assert reusable_stages(previous, more_sets) == ["train"]
+    longer = load_config("smoke", ["grpo.max_steps=100"]).to_dict()
+    assert reusable_stages(previous, longer) == []
