@@ -44,6 +44,7 @@ STATUSES = ("complete", "failed", "running", "preempted")
 QUANTIZATIONS = ("bf16", "awq", "bnb4")
 STAGES = ("grpo", "zero_shot")
 EVAL_REQUIRED_KEYS = ("accuracy", "accuracy_strict", "unparseable_rate", "n")
+_EVAL_REQUIRED = frozenset(EVAL_REQUIRED_KEYS)
 VERSIONED_PACKAGES = (
     "torch", "transformers", "trl", "peft", "vllm", "bitsandbytes", "deepspeed", "submitit",
     "datasets", "accelerate",
@@ -157,7 +158,7 @@ def validate_result(doc: Any) -> list[str]:
         problems.append("missing 'eval' object")
     else:
         for bench, entry in evals.items():
-            if not isinstance(entry, dict) or any(k not in entry for k in EVAL_REQUIRED_KEYS):
+            if not isinstance(entry, dict) or not entry.keys() >= _EVAL_REQUIRED:
                 problems.append(f"eval.{bench} lacks one of {EVAL_REQUIRED_KEYS}")
     if doc.get("status") == "complete" and isinstance(evals, dict) and not evals and doc.get("train") is None:
         problems.append("status complete but neither train nor eval results")

@@ -12,6 +12,7 @@ save a checkpoint after the current step and exit with EXIT_PREEMPTED, status `p
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import resource
@@ -20,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -257,6 +259,8 @@ def make_trainer_class():
                 return
             real_step = optimizer.step
 
+            # wraps: keeps the marker torch's lr scheduler put on step (else it warns each step)
+            @functools.wraps(real_step)
             def step(*args, **kwargs):
                 result = real_step(*args, **kwargs) if self._update_has_signal else None
                 self._update_has_signal = False
@@ -264,6 +268,8 @@ def make_trainer_class():
 
             optimizer.step = step
             optimizer._nli_grpo_guarded = True
+            # A skipped first update is deliberate; torch would warn the schedule ran ahead.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
         def _clip_grad_norm(self, model):
             if self.skip_zero_advantage_steps and not self._update_has_signal:
