@@ -219,24 +219,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run(cfg) if args.adapter is None else _evaluate_adapter(cfg, args.adapter)
-
-
-def _evaluate_adapter(cfg: ExperimentConfig, adapter: Path) -> int:
-    from .train import RunRecord
-
-    record = RunRecord(cfg)
-    if record.doc.get("adapter") != str(adapter.resolve()):
-        record.doc["eval"] = {}  # sets kept from an earlier run are another adapter's
-    record.update(adapter=str(adapter.resolve()))
-    try:
-        evaluation = evaluate_run(cfg, adapter=adapter, done=record.doc["eval"], on_set_done=lambda b: record.update(eval=b))
-        record.mark_stage_done("eval", eval=evaluation, status="complete")
-    except BaseException as err:
-        record.update(status="failed", error=f"{type(err).__name__}: {err}")
-        raise
-    print(f"wrote {record.path}")
-    return 0
+    return run(cfg, adapter=args.adapter)
 
 
 if __name__ == "__main__":

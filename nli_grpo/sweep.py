@@ -248,14 +248,13 @@ def changed_settings(cell: PlannedCell) -> list[str]:
     from omegaconf import OmegaConf
 
     from .config import config_from_dict
-    from .train import STAGE_INPUTS
+    from .train import changed_inputs
 
     snapshot = cell.run_dir / launch.CONFIG_FILENAME
     if not snapshot.is_file():
         return []
     before = config_from_dict(OmegaConf.to_container(OmegaConf.load(snapshot))).to_dict()
-    now = cell.cfg.to_dict()
-    return [key for key in STAGE_INPUTS["eval"] if before.get(key) != now.get(key)]
+    return changed_inputs(before, cell.cfg.to_dict(), "eval")
 
 
 # --------------------------------------------------------------------------- output

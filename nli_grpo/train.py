@@ -91,18 +91,20 @@ def is_main_process() -> bool:
 
 
 #: Config sections a finished stage depends on: it is reused by a restart only if they are unchanged.
-STAGE_INPUTS = {
-    "train": ("stage", "seed", "model", "lora", "grpo", "rollout", "data"),
-    "eval": ("stage", "seed", "model", "lora", "grpo", "rollout", "data", "eval"),
-}
+STAGE_INPUTS = {"train": ("stage", "seed", "model", "lora", "grpo", "rollout", "data")}
+STAGE_INPUTS["eval"] = (*STAGE_INPUTS["train"], "eval")
+
+
+def changed_inputs(before: dict, now: dict, stage: str) -> list[str]:
+    """Config sections (of two `to_dict()` configs) that `stage` depends on and that differ."""
+    return [key for key in STAGE_INPUTS[stage] if before.get(key) != now.get(key)]
 
 
 def reusable_stages(previous: dict, config: dict) -> list[str]:
     """The finished stages of a previous attempt that the current config can keep: a restart
     never redoes one, and a changed recipe never inherits one that used other inputs."""
-    old = previous.get("config", {})
     return [stage for stage in previous.get("stages_done", [])
-            if all(old.get(k) == config.get(k) for k in STAGE_INPUTS.get(stage, ()))]
+            if not changed_inputs(previous.get("config", {}), config, stage)]
 
 
 class RunRecord:
@@ -113,7 +115,7 @@ class RunRecord:
         previous = results.load_existing(self.path) or {}
         config = cfg.to_dict()
         stages = reusable_stages(previous, config)
-        eval_kept = all(previous.get("config", {}).get(k) == config.get(k) for k in STAGE_INPUTS["eval"])
+        eval_kept = not changed_inputs(previous.get("config", {}), config, "eval")
         self.doc = {
             "schema_version": results.SCHEMA_VERSION,
             "tool": results.TOOL,
@@ -499,15 +501,21 @@ def _release(trainer) -> None:
         torch.cuda.empty_cache()
 
 
-def run(cfg: ExperimentConfig, reward_funcs=None) -> int:
+def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None) -> int:
     """The whole job for one cell: train (unless zero-shot or already done), then evaluate
-    (if configured and not done). Returns the process exit code."""
+    (if configured and not done). `adapter`: evaluate this trained adapter instead of training
+    one (`nli_grpo.evaluate --adapter`). Returns the process exit code."""
     stop = StopRequest()
     stop.install()
     record = RunRecord(cfg)
+    if adapter is not None:
+        adapter = adapter.resolve()
+        if record.doc["adapter"] != str(adapter):  # what an earlier run evaluated was another adapter's
+            record.doc.update(eval={}, stages_done=[s for s in record.doc["stages_done"] if s != "eval"])
+        record.doc["adapter"] = str(adapter)
     record.update()
     try:
-        if cfg.stage == "grpo" and not record.stage_done("train"):
+        if cfg.stage == "grpo" and adapter is None and not record.stage_done("train"):
             if not train(cfg, record, stop, reward_funcs):
                 return EXIT_PREEMPTED
         if not is_main_process():
@@ -515,7 +523,8 @@ def run(cfg: ExperimentConfig, reward_funcs=None) -> int:
         if cfg.eval.after_training and not record.stage_done("eval"):
             from .evaluate import evaluate_run
 
-            adapter = Path(cfg.output.dir) / ADAPTER_DIRNAME if cfg.stage == "grpo" else None
+            if adapter is None and cfg.stage == "grpo":
+                adapter = Path(cfg.output.dir) / ADAPTER_DIRNAME
             evaluation = evaluate_run(cfg, adapter=adapter, stop=stop, done=record.doc["eval"],
                                       on_set_done=lambda block: record.update(eval=block))
             if evaluation is None:
