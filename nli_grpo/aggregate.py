@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from .data import ADVERSARIAL_BENCHMARKS, BENCHMARK_NAMES, STANDARD_BENCHMARKS
-from .results import QUANTIZATIONS, RESULT_FILENAME, TRAIN_LOG_FILENAME, ResultError, read_jsonl, read_result
+from .results import QUANTIZATIONS, RESULT_FILENAME, TRAIN_LOG_FILENAME, ResultError, read_result, read_train_log
 
 METRICS = ("accuracy", "accuracy_strict")
 FORMATS = ("md", "csv", "tex")
@@ -784,18 +784,26 @@ def plot_stage_bars(sweep: Sweep, path: Path) -> Optional[Path]:
     return path
 
 
+def mean_train_curve(result_dirs: list[str]) -> Optional[pd.DataFrame]:
+    """Reward and KL per step (the index), averaged over the runs (seeds) in `result_dirs`: one
+    record per step and run (of a step a restart replayed, the last attempt's). None when no run
+    has a training log."""
+    records = [r for d in result_dirs for r in read_train_log(os.path.join(d, TRAIN_LOG_FILENAME))]
+    if not records:
+        return None
+    log = pd.DataFrame.from_records(records, columns=["step", "reward", "kl"]).apply(pd.to_numeric, errors="coerce")
+    return log.groupby("step").mean().sort_index()
+
+
 def plot_train_curves(sweep: Sweep, path: Path) -> Optional[Path]:
     """Reward and KL vs step from the train logs, averaged over seeds, one line per GRPO variant."""
     variants = [v for v in sweep.variants if v.axes["stage"] == "grpo"]
     shown = [a for a in sweep.axes if a != "stage" and sweep.varies(a, having="lora_rank")]
     curves = []
     for variant in sorted(variants, key=lambda v: tuple(_sort_key(a, v.axes[a]) for a in sweep.axes)):
-        records = [r for d in variant.result_dirs for r in read_jsonl(os.path.join(d, TRAIN_LOG_FILENAME))
-                   if isinstance(r, dict) and "step" in r]
-        if records:
-            log = pd.DataFrame.from_records(records, columns=["step", "reward", "kl"])
-            log = log.apply(pd.to_numeric, errors="coerce")
-            curves.append((_label(variant.axes, shown), log.groupby("step").mean().sort_index()))
+        curve = mean_train_curve(variant.result_dirs)
+        if curve is not None:
+            curves.append((_label(variant.axes, shown), curve))
     if not curves:
         return None
     fig = _new_figure(10, 3.8, right=2.2, wspace=0.35)

@@ -182,7 +182,9 @@ def _rollout_setup(workdir: Path):
     from peft import get_peft_model
 
     from .data import load_train_source
-    from .models import load_base_model, load_tokenizer, peft_lora_config
+    import torch
+
+    from .models import load_base_model, load_tokenizer, peft_lora_config, training_precision
     from .prompts import render_prompt
     from .train import config_for_run
 
@@ -194,7 +196,8 @@ def _rollout_setup(workdir: Path):
     rows = load_train_source("anli_train_r1", local_dir="samples", hub=False, limit=8).dataset
     prompts = [render_prompt(tokenizer, p, h) for p, h in zip(rows["premise"], rows["hypothesis"])]
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts for _ in range(cfg.grpo.num_generations)]
-    policy = get_peft_model(load_base_model(cfg.model), peft_lora_config(cfg.lora))
+    policy = get_peft_model(load_base_model(cfg.model, training_precision(cfg, torch.cuda.is_available())["dtype"]),
+                            peft_lora_config(cfg.lora))
     # A trained-looking adapter (LoRA B is 0 at init, which vLLM could shortcut).
     for name, param in policy.named_parameters():
         if "lora_B" in name:

@@ -24,6 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 from .data import BENCHMARK_NAMES, TRAIN_SOURCES
 
 QUANTIZATIONS = ("bf16", "awq", "bnb4")
+DTYPES = ("float16", "bfloat16", "float32")
+MIXED_PRECISIONS = ("bf16", "fp16", "no")
 ROLLOUT_BACKENDS = ("hf", "vllm")
 EVAL_BACKENDS = ("hf", "vllm")
 STAGES = ("grpo", "zero_shot")
@@ -51,6 +53,11 @@ class ModelConfig:
     """Hub revision (commit) to pin; recorded in the result."""
     trust_remote_code: bool = False
     """Allow the checkpoint's own Python code. Off: Qwen2.5 needs none."""
+    dtype: str = "float16"
+    """Dtype the base weights are held in for training and rollouts on a GPU (the non-quantised
+    layers of AWQ / bnb-4bit bases). The authors load every base in float16
+    (`model_init_kwargs.torch_dtype: float16`) and train under bf16 autocast
+    (grpo.mixed_precision). On a CPU everything runs in float32."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
     gradient_checkpointing: bool = True
@@ -99,6 +106,13 @@ class GRPOConfig:
     optim: str = "paged_adamw_8bit"
     """Optimizer name as transformers spells it (paper: bitsandbytes paged 8-bit AdamW)."""
     max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"
+    """Autocast precision of training on a GPU: `bf16` (the authors: `bf16: true, fp16: false`, over
+    float16 weights), `fp16` (with a gradient scaler) or `no`. Ignored on a CPU (float32)."""
+    loss_temperature: Optional[float] = 1.0
+    """Temperature the logits are divided by for the policy, old and reference log-probs of the
+    loss. The authors compute them at 1.0 (their `_get_per_token_logps` does not scale); TRL 1.16
+    divides by the sampling temperature. `null` = TRL's behaviour (grpo.temperature)."""
     max_prompt_length: int = 512
     max_completion_length: int = 512
     temperature: float = 0.9
@@ -156,6 +170,10 @@ class EvalConfig:
     after_training: bool = True
     """Run the evaluation as the last stage of a training job."""
     gpu_memory_utilization: float = 0.85
+    dtype: str = "auto"
+    """Dtype of the base during evaluation on a GPU: `auto` = the checkpoint's own (bfloat16 for
+    Qwen2.5-Instruct, float16 for its AWQ checkpoints), as the authors' vLLM evaluation; or one of
+    float16, bfloat16, float32."""
 
 
 @dataclass
@@ -291,6 +309,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("eval.backend", cfg.eval.backend, EVAL_BACKENDS)
     _choice("grpo.loss_type", cfg.grpo.loss_type, LOSS_TYPES)
     _choice("grpo.scale_rewards", cfg.grpo.scale_rewards, SCALE_REWARDS)
+    _choice("grpo.mixed_precision", cfg.grpo.mixed_precision, MIXED_PRECISIONS)
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("eval.dtype", cfg.eval.dtype, ("auto", *DTYPES))
+    _require(cfg.grpo.loss_temperature is None or cfg.grpo.loss_temperature > 0,
+             f"grpo.loss_temperature={cfg.grpo.loss_temperature} must be > 0, or null for TRL's (the sampling temperature)")
+    _require(cfg.model.quantization != "awq" or cfg.model.dtype == "float16",
+             f"model.dtype={cfg.model.dtype} with model.quantization=awq: AWQ kernels compute in float16; set model.dtype=float16")
     _require(cfg.lora.rank > 0, f"lora.rank={cfg.lora.rank} must be a positive integer (the paper uses 8..128)")
     _require(cfg.lora.alpha is None or cfg.lora.alpha > 0, f"lora.alpha={cfg.lora.alpha} must be positive, or unset for alpha = rank")
     _require(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
@@ -315,6 +340,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(0 < g.top_p <= 1, f"grpo.top_p={g.top_p} must be in (0, 1]")
     _require(g.deepspeed in (None, "zero2", "zero3") or Path(g.deepspeed).is_file(),
              f"grpo.deepspeed={g.deepspeed!r}: use zero2, zero3 or a path to a DeepSpeed JSON config")
+    for name, limit in (("eval.limit", cfg.eval.limit), ("data.train_limit", cfg.data.train_limit)):
+        _require(limit is None or limit >= 1, f"{name}={limit} must be a positive number of examples, or null for all")
+    _require(not (g.deepspeed and g.skip_zero_advantage_steps and g.gradient_accumulation_steps > 1),
+             f"grpo.deepspeed={g.deepspeed} with grpo.skip_zero_advantage_steps=true needs grpo.gradient_accumulation_steps=1 "
+             f"(not {g.gradient_accumulation_steps}): DeepSpeed steps inside backward, so an update is skipped by not "
+             "entering the engine, which only works when the update is one micro-batch. Set "
+             "grpo.gradient_accumulation_steps=1, or grpo.skip_zero_advantage_steps=false")
     unknown = [b for b in cfg.eval.benchmarks if b not in BENCHMARK_NAMES]
     _require(not unknown, f"eval.benchmarks has unknown {unknown}; valid names: {', '.join(BENCHMARK_NAMES)}")
     _require(cfg.eval.max_new_tokens < cfg.eval.max_model_len,

@@ -35,12 +35,14 @@ class HFGenerator:
     together (sorted) so little compute goes to padding."""
 
     def __init__(self, cfg: ExperimentConfig, adapter: Path | None):
-        from .models import load_base_model, load_tokenizer
+        import torch
+
+        from .models import eval_dtype, load_base_model, load_tokenizer
 
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model)
         self.tokenizer.padding_side = "left"
-        model = load_base_model(cfg.model)
+        model = load_base_model(cfg.model, eval_dtype(cfg, torch.cuda.is_available()))
         if adapter is not None:
             from peft import PeftModel
 
@@ -83,6 +85,10 @@ class HFGenerator:
                 out[i].append(self.tokenizer.decode(new[row, :budgets[i]], skip_special_tokens=True))
         return out
 
+    def close(self) -> None:
+        """Release the model (its memory goes back before anything else loads)."""
+        self.model = None
+
     def _budget(self, prompt_len: int, sample: bool) -> int:
         if sample:
             return self.cfg.grpo.max_completion_length
@@ -96,7 +102,7 @@ class VLLMGenerator:
         from .rollout import build_llm
 
         self.cfg = cfg
-        rank = json.loads((adapter / "adapter_config.json").read_text())["r"] if adapter is not None else None
+        rank = adapter_rank(adapter) if adapter is not None else None
         self.llm = build_llm(cfg, purpose="eval", lora_rank=rank)
         self.tokenizer = self.llm.get_tokenizer()
         self.lora = None
@@ -129,6 +135,13 @@ class VLLMGenerator:
         return [[c.text for c in o.outputs] for o in outputs]
 
 
+    def close(self) -> None:
+        """Shut the engine down: its worker processes hold the memory until then."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+
 def make_generator(cfg: ExperimentConfig, adapter: Path | None):
     return (VLLMGenerator if cfg.eval.backend == "vllm" else HFGenerator)(cfg, adapter)
 
@@ -144,82 +157,118 @@ def evaluate_run(cfg: ExperimentConfig, adapter: Path | None, stop=None, generat
     from .scoring import GROUP_FIELDS, prediction_records, predictions_path, score_benchmark, write_predictions
 
     block = {name: entry for name, entry in (done or {}).items() if name in cfg.eval.benchmarks}
-    for name in cfg.eval.benchmarks:
-        if name in block:
-            continue
-        if stop is not None and stop.is_set():
-            return None
-        generator = generator or make_generator(cfg, adapter)  # not started when nothing is left
-        bench = load_benchmark(name, local_dir=cfg.data.local_dir, files=cfg.data.files, hub=cfg.data.hub, limit=cfg.eval.limit)
-        ds = bench.dataset
-        prompts = [render_prompt(generator.tokenizer, p, h) for p, h in zip(ds["premise"], ds["hypothesis"])]
-        started = time.time()
-        completions = generator.generate(prompts, desc=name)
-        groups = {c: list(ds[c]) for c in GROUP_FIELDS if c in ds.column_names}
-        entry = score_benchmark(name, ds["label"], completions, groups or None)
-        entry.update(source=bench.source, n_dropped=bench.n_dropped, seconds=round(time.time() - started, 2))
-        records = prediction_records(name, ds["id"], ds["label"], completions, groups or None)
-        write_predictions(predictions_path(cfg.output.dir, name), records)
-        block[name] = entry
-        if on_set_done is not None:
-            on_set_done(dict(block))
-        log.info("%s: accuracy %s (strict %s, unparseable %.3f, n %d)", name, entry["accuracy"],
-                 entry["accuracy_strict"], entry["unparseable_rate"], entry["n"])
+    todo = [name for name in cfg.eval.benchmarks if name not in block]
+    if todo and stop is not None and stop.is_set():
+        return None
+    owned = generator is None and bool(todo)  # an engine started here is shut down here
+    if owned:
+        generator = make_generator(cfg, adapter)
+    try:
+        for name in todo:
+            if stop is not None and stop.is_set():
+                return None
+            bench = load_benchmark(name, local_dir=cfg.data.local_dir, files=cfg.data.files, hub=cfg.data.hub, limit=cfg.eval.limit)
+            ds = bench.dataset
+            prompts = [render_prompt(generator.tokenizer, p, h) for p, h in zip(ds["premise"], ds["hypothesis"])]
+            started = time.time()
+            completions = generator.generate(prompts, desc=name)
+            groups = {c: list(ds[c]) for c in GROUP_FIELDS if c in ds.column_names}
+            entry = score_benchmark(name, ds["label"], completions, groups or None)
+            entry.update(source=bench.source, n_dropped=bench.n_dropped, seconds=round(time.time() - started, 2))
+            records = prediction_records(name, ds["id"], ds["label"], completions, groups or None)
+            write_predictions(predictions_path(cfg.output.dir, name), records)
+            block[name] = entry
+            if on_set_done is not None:
+                on_set_done(dict(block))
+            log.info("%s: accuracy %s (strict %s, unparseable %.3f, n %d)", name, entry["accuracy"],
+                     entry["accuracy_strict"], entry["unparseable_rate"], entry["n"])
+    finally:
+        if owned:
+            generator.close()
     return {name: block[name] for name in cfg.eval.benchmarks}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nli_grpo.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", help="base model: hub id, folder, `tiny` or `random:qwen2.5-7b`")
-    parser.add_argument("--adapter", type=Path, help="LoRA adapter folder (omit for the zero-shot baseline)")
-    parser.add_argument("--quantization", choices=("bf16", "awq", "bnb4"),
-                        help="quantization of the base model (default: awq for an -AWQ checkpoint, else bf16)")
-    parser.add_argument("--benchmarks", help=f"comma list (default: all 13): {','.join(BENCHMARKS)}")
-    parser.add_argument("--config", default="paper", help="recipe for eval/data settings (default: paper)")
-    parser.add_argument("--backend", choices=("vllm", "hf"), help="generation backend (default: the recipe's)")
-    parser.add_argument("--limit", type=int, help="first N examples per set")
-    parser.add_argument("--out", type=Path, help="folder for result.json and predictions (default: results/eval/<cell>)")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.local_dir=/data/nli")
-    return parser.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m nli_grpo.evaluate", description=__doc__.split("\n\n")[0],
+                                     epilog="Overrides (key=value) may come before or after the options.")
+    model = parser.add_argument_group("evaluate a model (greedy, the paper's protocol)")
+    model.add_argument("--base", help="base model: hub id, folder, `tiny` or `random:qwen2.5-7b` "
+                                      "(default: the base named in the adapter's adapter_config.json, else the recipe's)")
+    model.add_argument("--adapter", type=Path, help="LoRA adapter folder (omit for the zero-shot baseline)")
+    model.add_argument("--quantization", choices=("bf16", "awq", "bnb4"),
+                       help="quantization of the base model (default: awq for an -AWQ checkpoint, else bf16)")
+    model.add_argument("--benchmarks", help=f"comma list (default: all 13): {','.join(BENCHMARKS)}")
+    model.add_argument("--config", default="paper", help="recipe for eval/data settings (default: paper)")
+    model.add_argument("--backend", choices=("vllm", "hf"), help="generation backend (default: the recipe's)")
+    model.add_argument("--limit", type=int, help="first N examples per set (N >= 1)")
+    model.add_argument("--force", action="store_true",
+                       help="where the output folder holds an evaluation with other settings or another adapter, "
+                            "move it aside to <parent>/.replaced/ and start afresh (default: refuse)")
+    model.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.local_dir=/data/nli")
+    score = parser.add_argument_group("score completions produced elsewhere, under the same protocol")
+    score.add_argument("--score", type=Path, metavar="FILE.jsonl",
+                       help='JSON lines (or .jsonl.gz) with "id", "label", "completion" per example')
+    score.add_argument("--benchmark", metavar="NAME", help=f"whose scoring rule applies: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--out", type=Path, help="model evaluation: the folder for result.json and predictions "
+                                                 "(default results/eval/<cell>); --score: a JSON file for the eval entry")
+    args = parser.parse_intermixed_args(argv)
+    if args.score is not None:
+        given = [f"--{name}" for name in ("base", "adapter", "quantization", "benchmarks", "backend", "limit")
+                 if getattr(args, name) is not None] + (["overrides"] if args.overrides else [])
+        if args.benchmark is None or given:
+            parser.error("--score needs --benchmark NAME" if args.benchmark is None
+                         else f"--score scores a file; it takes no {', '.join(given)}")
+    elif args.benchmark is not None:
+        parser.error("--benchmark goes with --score FILE; to evaluate a model on some sets use --benchmarks")
+    return args
+
+
+def adapter_rank(adapter: Path) -> int:
+    """The LoRA rank of a PEFT adapter folder."""
+    return json.loads((adapter / "adapter_config.json").read_text())["r"]
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--score" in argv or any(a.startswith("--score=") for a in argv):
-        from .scoring import main as score_main
-
-        return score_main(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.score is not None:
+        from .scoring import score_command
+
+        return score_command(args.score, args.benchmark, args.out)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
         print(f"error: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)", file=sys.stderr)
         return 2
-    from .models import default_quantization
+    from .models import adapter_base_model, default_quantization
 
+    base = args.base or (adapter_base_model(args.adapter) if args.adapter is not None else None)
     # Results go to results/eval/<cell> unless --out or output.* say otherwise.
     overrides = ["output.sweep=eval", *args.overrides, "eval.after_training=true"]
-    if args.base:
-        overrides.append(f"model.name_or_path={args.base}")
-    if args.quantization or args.base:
-        overrides.append(f"model.quantization={args.quantization or default_quantization(args.base)}")
+    if base:
+        overrides.append(f"model.name_or_path={base}")
+    if args.quantization or base:
+        overrides.append(f"model.quantization={args.quantization or default_quantization(base)}")
     if args.benchmarks:
         overrides.append(f"eval.benchmarks=[{args.benchmarks}]")
     if args.backend:
         overrides.append(f"eval.backend={args.backend}")
-    if args.limit:
+    if args.limit is not None:
         overrides.append(f"eval.limit={args.limit}")
     if args.adapter is None:
         overrides.append("stage=zero_shot")
     else:  # the cell records the adapter's own rank, whatever the recipe says
-        overrides.append(f"lora.rank={json.loads((args.adapter / 'adapter_config.json').read_text())['r']}")
-    from .train import config_for_run, run
+        overrides.append(f"lora.rank={adapter_rank(args.adapter)}")
+    from .train import EXIT_REFUSED, RunConflict, config_for_run, run
 
     try:
         cfg = config_for_run(args.config, overrides, str(args.out) if args.out else None)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return run(cfg, adapter=args.adapter)
+        return EXIT_REFUSED
+    try:
+        return run(cfg, adapter=args.adapter, force=args.force)
+    except RunConflict as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

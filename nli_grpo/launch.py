@@ -44,6 +44,8 @@ CONFIG_FILENAME = "config.yaml"
 LOGS_DIRNAME = "logs"
 #: submitit's requeue budget per job (its default, 3, is used up by three short preemptions).
 MAX_REQUEUES = 20
+#: Restarts of a cell's training killed by a signal (OOM killer, node fault), per job.
+DEFAULT_RETRIES = 2
 #: USR2 this many seconds before the time limit (the example sbatch files use the same).
 SIGNAL_DELAY_S = 300
 #: Time kept back from the signal delay / grace time for submitit's own requeue and exit.
@@ -61,27 +63,48 @@ class SlurmError(RuntimeError):
 # --------------------------------------------------------------------------- the job
 class CellJob:
     """One grid cell as a submitit checkpointable callable: runs the training entry point as a
-    child process and returns the cell's final status."""
+    child process and returns the cell's final status.
 
-    def __init__(self, command: list[str], run_dir: str, stop_timeout_s: float, threads: int = 1, gpus: int = 1):
+    A child killed by a signal (the OOM killer, a node fault) is recorded in result.json and
+    started again, `retries` times at most: it resumes from its last complete checkpoint. A child
+    that exits with an error code (a config error, a refused run folder, an exception) is not:
+    the same inputs would fail the same way."""
+
+    def __init__(self, command: list[str], run_dir: str, stop_timeout_s: float, threads: int = 1, gpus: int = 1,
+                 retries: int = DEFAULT_RETRIES):
         self.command = command
         self.run_dir = run_dir
         self.stop_timeout_s = stop_timeout_s
         self.threads = threads
         self.gpus = gpus
+        self.retries = retries
+        self.starts = 0
         self._child: subprocess.Popen | None = None
+        self._torchrun = False
+        self._stopping = False
 
     def __call__(self) -> dict:
-        from .train import EXIT_PREEMPTED
+        from .train import EXIT_PREEMPTED, record_signal_death
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.start_child()
-        # poll + sleep rather than wait(): checkpoint() runs in a signal handler on this thread
-        # and must be able to wait for the child itself (wait() would hold Popen's lock).
-        while (code := self._child.poll()) is None:
-            time.sleep(1.0)
+        deaths = 0
+        while True:
+            self.start_child()
+            # poll + sleep rather than wait(): checkpoint() runs in a signal handler on this thread
+            # and must be able to wait for the child itself (wait() would hold Popen's lock).
+            while (code := self._child.poll()) is None:
+                time.sleep(1.0)
+            if code < 0 and not self._stopping:
+                retry = deaths < self.retries
+                message = record_signal_death(Path(self.run_dir), signal.Signals(-code).name, deaths, self.retries, retry)
+                log.error(message)
+                if retry:
+                    deaths += 1
+                    continue
+                raise RuntimeError(f"{self.run_dir}: {message}")
+            break
         doc = results.load_existing(Path(self.run_dir) / results.RESULT_FILENAME) or {}
-        if code == EXIT_PREEMPTED:
+        if code == EXIT_PREEMPTED or self._stopping:
             raise RuntimeError(f"{self.run_dir}: stopped by a signal after saving (exit {code}); "
                                "it resumes when requeued, or when the sweep is run again")
         if code != 0:
@@ -92,7 +115,8 @@ class CellJob:
         """Start the training: one process, or one per GPU under torchrun when the cell asked for
         several GPUs and the node really has them (decided here, on the node)."""
         command = self.command
-        if self.gpus > 1 and (devices := _cuda_device_count()) > 1:
+        self._torchrun = self.gpus > 1 and (devices := _cuda_device_count()) > 1
+        if self._torchrun:
             command = with_torchrun(command, min(self.gpus, devices))
         log.info("starting %s", shlex.join(command))
         # torch otherwise starts a thread per core of the node: oversubscribed on shared nodes
@@ -102,24 +126,38 @@ class CellJob:
         # terminal signals to the job.
         self._child = subprocess.Popen(command, env={**os.environ, **threads, "PYTHONUNBUFFERED": "1"},
                                        start_new_session=True, preexec_fn=_ignore_usr2, **popen_kwargs)
+        self.starts += 1
         return self._child
 
+    def training_ranks(self) -> list:
+        """The training processes: the child, or torchrun's workers (its children). Not their
+        own children: vLLM's engine process, spawned by a rank, handles only SIGTERM/SIGINT and
+        would die of USR2 in the middle of the step the rank must finish and save."""
+        import psutil
+
+        try:
+            child = psutil.Process(self._child.pid)
+            return child.children(recursive=False) if self._torchrun else [child]
+        except psutil.NoSuchProcess:
+            return []
+
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit on USR2: let the child save and exit, then requeue this job."""
+        """Called by submitit on USR2: let the training save and exit, then requeue this job."""
         child = self._child
         if child is not None and child.poll() is None:
-            log.warning("forwarding SIGUSR2 to the training process %d; waiting up to %.0f s for it to save",
+            self._stopping = True
+            log.warning("forwarding SIGUSR2 to the training process(es) of %d; waiting up to %.0f s for them to save",
                         child.pid, self.stop_timeout_s)
-            processes = _process_tree(child.pid)
-            _send(processes, signal.SIGUSR2)
+            _send(self.training_ranks(), signal.SIGUSR2)
             try:
                 child.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 # its last complete checkpoint is on disk; a half-written one is never loaded
                 log.error("training process did not exit within %.0f s; killing it", self.stop_timeout_s)
-                _send(processes, signal.SIGKILL)
+                _send(_process_tree(child.pid), signal.SIGKILL)
                 child.wait()
-        return submitit.helpers.DelayedSubmission(CellJob(self.command, self.run_dir, self.stop_timeout_s, self.threads, self.gpus))
+        return submitit.helpers.DelayedSubmission(CellJob(self.command, self.run_dir, self.stop_timeout_s, self.threads,
+                                                          self.gpus, self.retries))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_child": None}  # a process handle does not survive pickling
@@ -146,8 +184,8 @@ def _ignore_usr2() -> None:
 
 
 def _process_tree(pid: int) -> list:
-    """The process and all its descendants. Not a process group: torchrun starts each worker in
-    a session of its own, so only the tree reaches every rank."""
+    """The process and all its descendants (not a process group: torchrun starts each worker in
+    a session of its own)."""
     import psutil
 
     try:
@@ -190,6 +228,8 @@ class LaunchOptions:
     signal_delay_s: int = SIGNAL_DELAY_S
     grace_time_s: int | None = None
     """The partition's GraceTime (preemption), when known; bounds the child's time to save."""
+    retries: int = DEFAULT_RETRIES
+    """Restarts of a cell's training killed by a signal (the OOM killer, a node fault) per job."""
 
     @property
     def stop_timeout_s(self) -> float:
@@ -249,7 +289,8 @@ def submit_cells(cells: list, options: LaunchOptions, folder: Path, name: str, m
             try:
                 with executor.batch():
                     submitted = [executor.submit(CellJob(train_command(c.run_dir), str(c.run_dir), options.stop_timeout_s,
-                                                         c.cfg.resources.cpus_per_task, c.cfg.resources.gpus_per_node))
+                                                         c.cfg.resources.cpus_per_task, c.cfg.resources.gpus_per_node,
+                                                         options.retries))
                                  for c in chunk]
             except Exception as err:  # noqa: BLE001 - report, keep what was submitted
                 return jobs, [f"submission of {len(chunk)} cells failed: {err}"]
@@ -289,10 +330,10 @@ def record_submission(sweep_dir: Path, cells: dict, submission: dict) -> dict:
     return manifest
 
 
-def submission_record(cluster: str, folder: Path, jobs: dict) -> dict:
+def submission_record(cluster: str, folder: Path, jobs: dict, retries: int = DEFAULT_RETRIES) -> dict:
     return {
         "submitted_at": results.now_iso(), "command": [sys.executable, *sys.argv], "cwd": os.getcwd(),
-        "user": getpass.getuser(), "cluster": cluster, "log_folder": str(folder),
+        "user": getpass.getuser(), "cluster": cluster, "log_folder": str(folder), "retries": retries,
         "jobs": {cell_id: str(job.job_id) for cell_id, job in jobs.items()},
     }
 

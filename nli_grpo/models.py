@@ -42,6 +42,8 @@ TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, n
 TINY_VERSION = 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_VOCAB_SIZE = 512
+#: Written into a stand-in model's folder: what it is (its name, random weights).
+STAND_IN_FILENAME = "nli_grpo_stand_in.json"
 
 
 def chat_template() -> str:
@@ -65,6 +67,18 @@ def default_quantization(name_or_path: str) -> str:
     """What a checkpoint name implies when the user gives no quantization: `awq` for a
     pre-quantised AWQ checkpoint (`...-AWQ`), else `bf16`."""
     return "awq" if "awq" in Path(name_or_path.rstrip("/")).name.lower() else "bf16"
+
+
+def adapter_base_model(adapter: Path) -> str | None:
+    """The base model a PEFT adapter was trained on (`base_model_name_or_path` of its
+    adapter_config.json), as a model name: a stand-in built by `resolve_model_path` is named as
+    such (`tiny`, `random:qwen2.5-7b`) rather than by its cache folder. None when not recorded."""
+    base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    stand_in = Path(base, STAND_IN_FILENAME) if base else None
+    if stand_in is not None and stand_in.is_file():
+        name = json.loads(stand_in.read_text())["name"]
+        return name if name == "tiny" else f"random:{name}"
+    return base
 
 
 def cache_dir() -> Path:
@@ -132,7 +146,7 @@ def _write_random_model(target: Path, name: str, seed: int = 0) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "nli_grpo_stand_in.json").write_text(json.dumps({"name": name, "seed": seed, "random_weights": True}))
+        (tmp / STAND_IN_FILENAME).write_text(json.dumps({"name": name, "seed": seed, "random_weights": True}))
         os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
     finally:
         if tmp.exists():
@@ -153,11 +167,23 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:
-    """bf16 on GPUs; AWQ kernels compute in fp16; fp32 on the CPU (fast there and exact)."""
-    if not torch.cuda.is_available():
+def training_precision(cfg: ExperimentConfig, cuda: bool) -> dict:
+    """How training holds and computes the model: `dtype` of the base weights and the trainer's
+    `bf16` / `fp16` autocast flags. On a GPU: model.dtype and grpo.mixed_precision (the paper
+    recipes: float16 weights under bf16 autocast, the authors' settings); on a CPU: float32, no
+    autocast (exact there, and as fast)."""
+    if not cuda:
+        return {"dtype": torch.float32, "bf16": False, "fp16": False}
+    return {"dtype": getattr(torch, cfg.model.dtype), "bf16": cfg.grpo.mixed_precision == "bf16",
+            "fp16": cfg.grpo.mixed_precision == "fp16"}
+
+
+def eval_dtype(cfg: ExperimentConfig, cuda: bool) -> "torch.dtype | str":
+    """Dtype of the base during evaluation: eval.dtype on a GPU (`auto` = the checkpoint's own, as
+    the authors' vLLM evaluation), float32 on a CPU."""
+    if not cuda:
         return torch.float32
-    return torch.float16 if model_cfg.quantization == "awq" else torch.bfloat16
+    return "auto" if cfg.eval.dtype == "auto" else getattr(torch, cfg.eval.dtype)
 
 
 def load_tokenizer(model_cfg: ModelConfig):
@@ -172,20 +198,21 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-def load_base_model(model_cfg: ModelConfig, zero3: bool = False):
-    """The frozen base model in the config's quantization.
+def load_base_model(model_cfg: ModelConfig, dtype: "torch.dtype | str", zero3: bool = False):
+    """The frozen base model in the config's quantization, its non-quantised weights in `dtype`
+    (a torch dtype, or `auto` for the checkpoint's own; see training_precision / eval_dtype).
 
-    - bf16: the checkpoint as is, in `compute_dtype`.
+    - bf16: the checkpoint as is (the name says unquantised; the weights are held in `dtype`).
     - awq: a pre-quantised AWQ checkpoint; transformers 5 reads its quantization_config and loads
       it through gptqmodel (AutoAWQ is archived). Needs a CUDA GPU and `pip install gptqmodel`.
-    - bnb4: bitsandbytes NF4 with double quantisation, quantised at load time (QLoRA).
+    - bnb4: bitsandbytes NF4 with double quantisation, quantised at load time (QLoRA), computing in
+      `dtype` (bfloat16 for `auto`).
 
     Under torchrun each process loads onto its own GPU (LOCAL_RANK); under DeepSpeed ZeRO-3 no
     device map is given (DeepSpeed partitions the weights; its config must exist first)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = resolve_model_path(model_cfg.name_or_path)
-    dtype = compute_dtype(model_cfg)
     kwargs = dict(
         dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation=model_cfg.attn_implementation,
@@ -193,7 +220,7 @@ def load_base_model(model_cfg: ModelConfig, zero3: bool = False):
     if model_cfg.quantization == "bnb4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == "auto" else dtype,
         )
     elif model_cfg.quantization == "awq":
         _require_awq_backend()
@@ -227,12 +254,15 @@ def peft_lora_config(lora: LoraConfig):
 
 
 def describe(cfg: ExperimentConfig) -> dict:
-    """What the result records about the model beyond the config: the resolved path and dtype."""
+    """What the result records about the model beyond the config: the resolved path, and how
+    training holds and computes it (weights dtype, bf16 / fp16 autocast)."""
     path = resolve_model_path(cfg.model.name_or_path)
-    stand_in = Path(path, "nli_grpo_stand_in.json")
+    precision = training_precision(cfg, torch.cuda.is_available())
     return {
         "key": cfg.model.key or model_key(cfg.model.name_or_path),
         "path": path,
-        "compute_dtype": str(compute_dtype(cfg.model)).removeprefix("torch."),
-        "random_weights": stand_in.exists(),
+        "dtype": str(precision["dtype"]).removeprefix("torch."),
+        "bf16": precision["bf16"],
+        "fp16": precision["fp16"],
+        "random_weights": Path(path, STAND_IN_FILENAME).exists(),
     }

@@ -127,6 +127,20 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def read_train_log(path: str | os.PathLike) -> list[dict]:
+    """A run's training log, one record per optimizer step, in step order. A restart replays the
+    steps after its checkpoint and appends them again: of a step's records, the one of the latest
+    attempt wins (the latest line among equals; logs without attempts: the latest line)."""
+    latest: dict[int, tuple[int, dict]] = {}
+    for record in read_jsonl(path):
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int):
+            attempt = record.get("attempt") or 0
+            if step not in latest or attempt >= latest[step][0]:
+                latest[step] = (attempt, record)
+    return [latest[step][1] for step in sorted(latest)]
+
+
 def validate_result(doc: Any) -> list[str]:
     """Problems that make a parsed JSON document unusable as a result (empty list = valid)."""
     if not isinstance(doc, dict):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import ExperimentConfig
-from .models import compute_dtype, resolve_model_path
+from .models import eval_dtype, resolve_model_path, training_precision
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,15 @@ def build_llm(cfg: ExperimentConfig, purpose: str, lora_rank: int | None):
     from vllm import LLM
 
     path = resolve_model_path(cfg.model.name_or_path)
+    cuda = torch.cuda.is_available()
     if purpose == "eval":
-        max_len = cfg.eval.max_model_len
-    else:
+        max_len, dtype = cfg.eval.max_model_len, eval_dtype(cfg, cuda)
+    else:  # rollouts sample from the policy as trained: the training weights' dtype
         max_len = cfg.rollout.max_model_len or cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length
+        dtype = training_precision(cfg, cuda)["dtype"]
     kwargs = dict(
         model=path, tokenizer=path, revision=cfg.model.revision, seed=cfg.seed,
-        dtype=str(compute_dtype(cfg.model)).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch."),
         max_model_len=max_len, gpu_memory_utilization=derived_memory_share(cfg, purpose),
         enforce_eager=cfg.rollout.enforce_eager, trust_remote_code=cfg.model.trust_remote_code,
         enable_lora=lora_rank is not None,
@@ -90,6 +92,7 @@ class AdapterHotSwap:
         self.folder = folder
         self.request = None
         self.version_step: int | None = None
+        self.published_steps: list[int] = []  # the optimizer step of every version handed to vLLM
         self.bytes_last_sync = 0
         self.seconds_last_sync = 0.0
 
@@ -120,6 +123,7 @@ class AdapterHotSwap:
         # (stale) weights.
         self.request = LoRARequest(f"policy-step-{step}", step + 1, str(path))
         self.version_step = step
+        self.published_steps.append(step)
         if previous is not None:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path, ignore_errors=True)

@@ -28,7 +28,6 @@ Command line: `python -m nli_grpo.evaluate --score FILE.jsonl --benchmark NAME [
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -348,36 +347,20 @@ def format_entry(benchmark: str, entry: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def score_command(path: Path, benchmark: str, out: Path | None = None) -> int:
     """`python -m nli_grpo.evaluate --score FILE.jsonl --benchmark NAME [--out RESULT.json]`:
-    score a file of completions, print the metrics, write the eval entry as JSON to --out.
+    score a file of completions, print the metrics, write the eval entry as JSON to `out`.
     Returns 0, 1 when the file cannot be scored, 2 for an unknown benchmark."""
-    parser = argparse.ArgumentParser(
-        prog="python -m nli_grpo.evaluate",
-        description="Score completions produced elsewhere under the paper's protocol.",
-    )
-    parser.add_argument("--score", required=True, type=Path, metavar="FILE.jsonl",
-                        help='JSON lines (or .jsonl.gz) with "id", "label", "completion" per example')
-    parser.add_argument("--benchmark", required=True, metavar="NAME",
-                        help=f"whose scoring rule applies: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--out", type=Path, metavar="RESULT.json", help="write the eval entry here as JSON")
-    args = parser.parse_args(argv)
-
-    if args.benchmark not in BENCHMARKS:
-        print(f"error: unknown benchmark {args.benchmark!r}; valid names: {', '.join(BENCHMARKS)}",
-              file=sys.stderr)
+    if benchmark not in BENCHMARKS:
+        print(f"error: unknown benchmark {benchmark!r}; valid names: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     try:
-        entry = score_file(args.score, args.benchmark)
+        entry = score_file(path, benchmark)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(format_entry(args.benchmark, entry))
-    if args.out:
-        atomic_write_json(args.out, entry)
-        print(f"wrote {args.out}")
+    print(format_entry(benchmark, entry))
+    if out:
+        atomic_write_json(out, entry)
+        print(f"wrote {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

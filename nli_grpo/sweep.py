@@ -18,7 +18,6 @@ Exit codes: 0 submitted / nothing to do / dry run, 1 a submission failed, 2 refu
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,8 +114,13 @@ def parse_args(sweep: Sweep, argv=None) -> argparse.Namespace:
     run_ = parser.add_argument_group("run")
     run_.add_argument("--results", default="results", help="results root (default results/); the sweep writes to <results>/<sweep>/")
     run_.add_argument("--dry-run", action="store_true", help="validate and print the plan and the sbatch script(s); submit nothing")
+    run_.add_argument("--retries", type=int, default=launch.DEFAULT_RETRIES,
+                      help="restarts of a cell whose training is killed by a signal (OOM killer, node fault), per job "
+                           f"(default {launch.DEFAULT_RETRIES}); errors are never retried")
     run_.add_argument("--force", action="store_true", help="also resubmit complete cells (their folders move to <sweep>/.replaced/); queued ones never")
     args = parser.parse_intermixed_args(argv)
+    if args.retries < 0:
+        parser.error(f"--retries {args.retries}: give 0 or more restarts")
     args.cluster = args.cluster or ("local" if args.smoke else "slurm")
     return args
 
@@ -243,18 +247,11 @@ def decide(cells: list[PlannedCell], sweep_dir: Path, force: bool, queue=launch.
 
 
 def changed_settings(cell: PlannedCell) -> list[str]:
-    """Config sections that differ between the cell's earlier submission (its config snapshot)
-    and now; resources (time, memory) may change freely."""
-    from omegaconf import OmegaConf
+    """Config sections that differ between the work already in the cell's folder and now (the
+    train command applies the same rule); resources (time, memory) may change freely."""
+    from .train import conflicting_inputs
 
-    from .config import config_from_dict
-    from .train import changed_inputs
-
-    snapshot = cell.run_dir / launch.CONFIG_FILENAME
-    if not snapshot.is_file():
-        return []
-    before = config_from_dict(OmegaConf.to_container(OmegaConf.load(snapshot))).to_dict()
-    return changed_inputs(before, cell.cfg.to_dict(), "eval")
+    return conflicting_inputs(cell.run_dir, cell.cfg.to_dict())
 
 
 # --------------------------------------------------------------------------- output
@@ -288,7 +285,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         return 2
     refusals = [p for p in [results_dir_problem(sweep_dir)] if p]
     options = launch.LaunchOptions(cluster=args.cluster, partition=args.partition, account=args.account, qos=args.qos,
-                                   constraint=args.constraint, array_parallelism=args.array_parallelism)
+                                   constraint=args.constraint, array_parallelism=args.array_parallelism,
+                                   retries=args.retries)
     array_limit = 1001
     try:
         if args.cluster == "slurm":
@@ -332,7 +330,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     described = {c.cell_id: {"cell": cell_from_config(c.cfg), "run_dir": str(c.run_dir), "command": launch.train_command(c.run_dir)}
                  for c in cells if c.cfg is not None}
     if jobs or not errors:
-        launch.record_submission(sweep_dir, described, launch.submission_record(args.cluster, folder, jobs))
+        launch.record_submission(sweep_dir, described, launch.submission_record(args.cluster, folder, jobs, args.retries))
     arrays = sorted({str(j.job_id).split("_")[0] for j in jobs.values()})
     console.print(f"submitted {len(jobs)} of {len(todo)} cells ({args.cluster}: {', '.join(arrays)}); "
                   f"manifest {sweep_dir / launch.MANIFEST_FILENAME}; logs {folder}")
@@ -360,12 +358,11 @@ def _move_aside(cell: PlannedCell, sweep_dir: Path) -> None:
     """--force on a cell with an earlier run (complete, or under other settings): keep that run
     (hidden from aggregate) so that the new one starts fresh."""
     from . import results
+    from .train import move_aside
 
     complete = (results.load_existing(cell.run_dir / results.RESULT_FILENAME) or {}).get("status") == "complete"
     if complete or changed_settings(cell):
-        target = sweep_dir / ".replaced" / f"{cell.cell_id}.{results.now_iso().replace(':', '')}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(cell.run_dir), target)
+        move_aside(cell.run_dir)
 
 
 def _print_sbatch(todo: list[PlannedCell], options, sweep_dir: Path, name: str, array_limit: int, console) -> None:

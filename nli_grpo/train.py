@@ -34,9 +34,13 @@ log = logging.getLogger("nli_grpo.train")
 
 #: Exit code of a run stopped by a signal after saving (EX_TEMPFAIL: "try again").
 EXIT_PREEMPTED = 75
+#: Exit code of a run refused before it started (bad config, conflicting run folder): never retried.
+EXIT_REFUSED = 2
 CHECKPOINTS_DIRNAME = "checkpoints"
 ADAPTER_DIRNAME = "adapter"
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
+#: The sweep's snapshot of the config a cell was submitted with (written by launch.py).
+CONFIG_SNAPSHOT_FILENAME = "config.yaml"
 DEEPSPEED_CONFIGS = {"zero2": "deepspeed_zero2.json", "zero3": "deepspeed_zero3.json"}
 
 
@@ -90,7 +94,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-#: Config sections a finished stage depends on: it is reused by a restart only if they are unchanged.
+#: Config sections a stage depends on: work a stage left on disk belongs to these settings.
 STAGE_INPUTS = {"train": ("stage", "seed", "model", "lora", "grpo", "rollout", "data")}
 STAGE_INPUTS["eval"] = (*STAGE_INPUTS["train"], "eval")
 
@@ -100,22 +104,64 @@ def changed_inputs(before: dict, now: dict, stage: str) -> list[str]:
     return [key for key in STAGE_INPUTS[stage] if before.get(key) != now.get(key)]
 
 
-def reusable_stages(previous: dict, config: dict) -> list[str]:
-    """The finished stages of a previous attempt that the current config can keep: a restart
-    never redoes one, and a changed recipe never inherits one that used other inputs."""
-    return [stage for stage in previous.get("stages_done", [])
-            if not changed_inputs(previous.get("config", {}), config, stage)]
+def stages_on_disk(run_dir: Path, previous: dict) -> list[str]:
+    """The stages that left work in `run_dir`: training (a checkpoint, a finished training, the
+    adapter) and evaluation (an evaluated set, a predictions file)."""
+    found = []
+    if "train" in previous.get("stages_done", []) or (run_dir / ADAPTER_DIRNAME).is_dir() \
+            or any((run_dir / CHECKPOINTS_DIRNAME).glob("checkpoint-*")):
+        found.append("train")
+    if previous.get("eval") or any((run_dir / results.PREDICTIONS_DIRNAME).glob("*")):
+        found.append("eval")
+    return found
+
+
+def conflicting_inputs(run_dir: Path, config: dict, adapter: str | None = None) -> list[str]:
+    """Why `config` cannot continue the run in `run_dir`: the config sections (and the evaluated
+    adapter) that differ from those of the work already there. Continuing would mix two
+    experiments (a "resume" from checkpoints trained with other settings, or predictions of
+    another model), so the train command and the sweep both refuse unless told to start afresh.
+    The recorded settings are result.json's, else the sweep's config snapshot (launch.py)."""
+    from .config import ConfigError, config_from_dict
+
+    run_dir = Path(run_dir)
+    previous = results.load_existing(run_dir / results.RESULT_FILENAME) or {}
+    stages = stages_on_disk(run_dir, previous)
+    if not stages:
+        return []
+    before = previous.get("config")
+    snapshot = run_dir / CONFIG_SNAPSHOT_FILENAME
+    if before is None and snapshot.is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            before = config_from_dict(OmegaConf.to_container(OmegaConf.load(snapshot))).to_dict()
+        except ConfigError:
+            before = None
+    if before is None:
+        return ["unknown (no readable result.json or config snapshot beside its checkpoints)"]
+    changed = dict.fromkeys(key for stage in stages for key in changed_inputs(before, config, stage))
+    if "eval" in stages and adapter is not None and previous.get("adapter") not in (None, adapter):
+        changed["adapter"] = None
+    return list(changed)
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Move a run folder to `<parent>/.replaced/<name>.<time>` (hidden from aggregate, nothing
+    deleted) so that a new run can start in its place. Returns where it went."""
+    target = run_dir.parent / ".replaced" / f"{run_dir.name}.{results.now_iso().replace(':', '')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run_dir), target)
+    return target
 
 
 class RunRecord:
-    """The run's result.json, rewritten atomically on every change (by the main process only)."""
+    """The run's result.json, rewritten atomically on every change (by the main process only).
+    The caller has checked `conflicting_inputs`: every stage finished on disk is kept."""
 
     def __init__(self, cfg: ExperimentConfig):
         self.path = Path(cfg.output.dir) / results.RESULT_FILENAME
         previous = results.load_existing(self.path) or {}
-        config = cfg.to_dict()
-        stages = reusable_stages(previous, config)
-        eval_kept = not changed_inputs(previous.get("config", {}), config, "eval")
         self.doc = {
             "schema_version": results.SCHEMA_VERSION,
             "tool": results.TOOL,
@@ -123,19 +169,22 @@ class RunRecord:
             "cell_id": cfg.output.cell_id,
             "status": "running",
             "cell": cell_from_config(cfg),
-            "config": config,
+            "config": cfg.to_dict(),
             "versions": results.package_versions(),
             "slurm": slurm_info(previous.get("slurm")),
             "model": None,
             "adapter": previous.get("adapter"),  # set by `nli_grpo.evaluate --adapter`
-            "train": previous.get("train") if "train" in stages else None,
-            # sets finished by an interrupted evaluation are kept (same inputs only)
-            "eval": previous.get("eval", {}) if eval_kept else {},
-            "stages_done": stages,
+            "train": previous.get("train") if "train" in previous.get("stages_done", []) else None,
+            "eval": previous.get("eval", {}),  # sets finished by an interrupted evaluation are kept
+            "stages_done": previous.get("stages_done", []),
             "error": None,
             "created_at": previous.get("created_at", results.now_iso()),
             "updated_at": results.now_iso(),
         }
+
+    @property
+    def attempt(self) -> int:
+        return self.doc["slurm"]["attempts"]
 
     def update(self, **fields) -> None:
         self.doc.update(fields, updated_at=results.now_iso())
@@ -147,6 +196,30 @@ class RunRecord:
 
     def mark_stage_done(self, stage: str, **fields) -> None:
         self.update(stages_done=[*self.doc["stages_done"], stage], **fields)
+
+
+def record_signal_death(run_dir: Path, signal_name: str, retries_used: int, retries: int, retrying: bool) -> str:
+    """Record in result.json that the training process was killed by a signal (it could not say
+    so itself): in `slurm.deaths`, and, when no retry is left, as the run's failure (status
+    `failed`, the signal and the last step on disk). Returns the message."""
+    run_dir = Path(run_dir)
+    checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS_DIRNAME)
+    step = _step_of(checkpoint) if checkpoint else 0
+    message = (f"training process killed by {signal_name} with step {step} on disk (the OOM killer, or a node fault? "
+               "see the job's log, `sacct -j <job> -o JobID,State,MaxRSS` and dmesg); "
+               + (f"restarting it from there (retry {retries_used + 1} of {retries})" if retrying else
+                  f"not restarted: {retries} retr{'y' if retries == 1 else 'ies'} used (sweep --retries)"))
+    path = run_dir / results.RESULT_FILENAME
+    doc = results.load_existing(path)
+    if doc is None:  # killed before it wrote anything: the run never started
+        return message
+    death = {"signal": signal_name, "step_on_disk": step, "at": results.now_iso(), "retried": retrying}
+    doc["slurm"]["deaths"] = [*doc["slurm"].get("deaths", []), death]
+    if not retrying:
+        doc.update(status="failed", error=message, failure={"exit_signal": signal_name, "last_step_on_disk": step})
+    doc["updated_at"] = results.now_iso()
+    results.atomic_write_json(path, doc)
+    return message
 
 
 class StopRequest:
@@ -179,7 +252,7 @@ def peak_memory() -> dict:
 
 
 # --------------------------------------------------------------------------- trainer pieces
-def _trainer_callbacks(run_dir: Path, keep: int, stop: StopRequest):
+def _trainer_callbacks(run_dir: Path, keep: int, stop: StopRequest, attempt: int):
     from transformers import TrainerCallback
 
     class CompleteCheckpoints(TrainerCallback):
@@ -199,11 +272,16 @@ def _trainer_callbacks(run_dir: Path, keep: int, stop: StopRequest):
                     shutil.rmtree(old, ignore_errors=True)
 
     class TrainLog(TrainerCallback):
-        """Append-only JSON lines of TRL's metrics, one per logging step; a restart appends."""
+        """Append-only JSON lines, one per optimizer step: loss, KL, grad norm, learning rate, the
+        skip flag, and the generation metrics (reward...) on the steps that generated. Each line
+        carries the run's attempt: a restart replays the steps after its checkpoint and appends
+        them again, and readers keep the last attempt's line (results.read_train_log)."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs and "reward" in logs:
-                results.append_jsonl(run_dir / results.TRAIN_LOG_FILENAME, {"step": state.global_step, "time": time.time(), **logs})
+            # "loss" marks a step's log; the end-of-training summary (train_runtime...) has none
+            if state.is_world_process_zero and logs and "loss" in logs:
+                results.append_jsonl(run_dir / results.TRAIN_LOG_FILENAME,
+                                     {"step": state.global_step, "attempt": attempt, "time": time.time(), **logs})
 
     class StopOnSignal(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -224,33 +302,66 @@ def _trainer_callbacks(run_dir: Path, keep: int, stop: StopRequest):
 
 
 def make_trainer_class():
-    """GRPOTrainer plus the paper's skip of zero-advantage batches (TRL has no such option)."""
+    """GRPOTrainer plus what the paper does that TRL does not: the skip of zero-advantage updates
+    and the loss temperature (see `configure`)."""
     from trl import GRPOTrainer
 
     class NLIGRPOTrainer(GRPOTrainer):
-        """When every advantage of an update's batches is 0, the update is skipped entirely: no
+        """When every advantage of an update's batch is 0, the update is skipped entirely: no
         forward/backward, no gradient clipping, no optimizer step (so neither the weights nor
         AdamW's moments move). The lr schedule still advances: a skipped step is a step."""
 
         skip_zero_advantage_steps = True
-        skipped_zero_advantage = 0
         _update_has_signal = False  # some micro-batch of the current update had a non-zero advantage
+        _prepared = None  # a micro-batch training_step already prepared (see _prepare_inputs)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.skip_zero_advantage_steps and self.model.training:
-                self._guard_optimizer_step()
-                any_signal = inputs["advantages"].ne(0).any().float().reshape(1)
-                if self.accelerator.num_processes > 1:
-                    # All ranks must agree, or DDP would wait forever for the skipping rank.
-                    any_signal = self.accelerator.gather(any_signal)
-                if not any_signal.any():
-                    self.skipped_zero_advantage += 1
-                    self._metrics["train"]["skipped_zero_advantage"].append(1.0)
-                    # Tied to no parameter: backward leaves every gradient None.
-                    return torch.zeros((), device=inputs["advantages"].device, requires_grad=True)
+        def configure(self, cfg: ExperimentConfig) -> None:
+            """Apply the recipe's settings that TRL has no argument for."""
+            self.skip_zero_advantage_steps = cfg.grpo.skip_zero_advantage_steps
+            if cfg.grpo.loss_temperature is not None:
+                self.set_loss_temperature(cfg.grpo.loss_temperature)
+
+        def set_loss_temperature(self, temperature: float) -> None:
+            """Compute the loss's policy, old and reference log-probs at `temperature`. TRL 1.16
+            bakes its sampling temperature into the fused LM head it adds to the model in
+            __init__ (the only place the loss reads a temperature); patching the head again
+            replaces it, while sampling keeps grpo.temperature."""
+            from trl.trainer.utils import add_fused_lm_head
+
+            model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            for target in (model, self.ref_model):
+                if target is not None:
+                    add_fused_lm_head(target, temperature=temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
+                                      outputs=("log_probs", "entropy"))
+            self.loss_temperature = temperature
+
+        def _prepare_inputs(self, generation_batch):
+            if self._prepared is not None:  # prepared by training_step for this very micro-batch
+                inputs, self._prepared = self._prepared, None
+                return inputs
+            return super()._prepare_inputs(generation_batch)
+
+        def training_step(self, model, inputs, num_items_in_batch):
+            if not self.skip_zero_advantage_steps:
+                return super().training_step(model, inputs, num_items_in_batch)
+            self._guard_optimizer_step()
+            model.train()  # before generating, as transformers' training_step: TRL reads the mode
+            prepared = self._prepare_inputs(inputs)  # generates when the batch is due
+            signal = prepared["advantages"].ne(0).any().float().reshape(1)
+            if self.accelerator.num_processes > 1:
+                # All ranks must agree, or DDP / DeepSpeed would wait forever for the skipping one.
+                signal = self.accelerator.gather(signal)
+            if signal.any():
                 self._update_has_signal = True
                 self._metrics["train"]["skipped_zero_advantage"].append(0.0)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                self._prepared = prepared
+                return super().training_step(model, inputs, num_items_in_batch)
+            # No forward, no backward: neither the gradients nor the optimizer see this micro-batch
+            # (DeepSpeed steps inside backward: config validation allows the skip under DeepSpeed
+            # only when an update is one micro-batch). The lr schedule is the trainer's: it steps.
+            self._step += 1  # TRL's micro-step counter: it decides when the next batch is generated
+            self._metrics["train"]["skipped_zero_advantage"].append(1.0)
+            return torch.zeros((), device=self.args.device)
 
         def _guard_optimizer_step(self) -> None:
             """Wrap the prepared optimizer's step (once) so that an update without signal does
@@ -290,8 +401,11 @@ def trl_args(cfg: ExperimentConfig, output_dir: Path):
     """TRL GRPOConfig with every field the paper relies on set explicitly."""
     from trl import GRPOConfig
 
+    from .models import training_precision
+
     g = cfg.grpo
     cuda = torch.cuda.is_available()
+    precision = training_precision(cfg, cuda)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # processes actually started (torchrun sets it)
     if g.completions_per_step % (g.gradient_accumulation_steps * world):
         raise ConfigError(f"grpo.completions_per_step={g.completions_per_step} is not divisible by "
@@ -339,8 +453,8 @@ def trl_args(cfg: ExperimentConfig, output_dir: Path):
         use_vllm=False,
         sync_ref_model=False,
         disable_dropout=True,
-        bf16=cuda and cfg.model.quantization != "awq",
-        fp16=cuda and cfg.model.quantization == "awq",
+        bf16=precision["bf16"],
+        fp16=precision["fp16"],
         use_cpu=not cuda,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
@@ -391,40 +505,43 @@ def prompt_dataset(cfg: ExperimentConfig, tokenizer):
     return dataset, {"prompts": len(dataset), "dropped_too_long": len(lengths) - len(keep), "max_prompt_tokens": max(lengths)}
 
 
-def _train_summary(run_dir: Path, trainer, started: float, first_step: int, max_steps: int, data_info: dict) -> dict:
-    logs = [r for r in results.read_jsonl(run_dir / results.TRAIN_LOG_FILENAME) if "reward" in r]
-    by_step = {r["step"]: r for r in logs}  # a restart re-logs some steps: keep the latest
-    ordered = [by_step[s] for s in sorted(by_step)]
-    tenth = max(1, len(ordered) // 10)
+def _train_summary(run_dir: Path, steps_done: int, started: float, first_step: int, max_steps: int, data_info: dict) -> dict:
+    """The `train` block of result.json, from the training log (one record per optimizer step,
+    the last attempt's where a restart replayed steps)."""
+    rows = results.read_train_log(run_dir / results.TRAIN_LOG_FILENAME)
+    generated = [r for r in rows if "reward" in r]  # reward: logged on the steps that generated
+    tenth = max(1, len(generated) // 10)
 
     def mean(rows, key):
         vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
         return round(sum(vals) / len(vals), 6) if vals else None
 
     wall = time.time() - started
-    this_attempt = [r for r in ordered if r["step"] > first_step]
-    tokens = (this_attempt[-1].get("num_tokens", 0) - (by_step.get(first_step, {}).get("num_tokens") or 0)) if this_attempt else 0
+    counted = [r for r in rows if isinstance(r.get("num_tokens"), (int, float))]
+    before = [r["num_tokens"] for r in counted if r["step"] <= first_step]
+    after = [r["num_tokens"] for r in counted if r["step"] > first_step]
+    tokens = after[-1] - (before[-1] if before else 0) if after else 0
     return {
-        "steps_done": trainer.state.global_step,
+        "steps_done": steps_done,
         "max_steps": max_steps,
         "resumed_from_step": first_step,
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(tokens / wall, 2) if tokens and wall > 0 else None,
-        "reward_first": mean(ordered[:tenth], "reward"),
-        "reward_last": mean(ordered[-tenth:], "reward"),
-        "reward_mean": mean(ordered, "reward"),
-        "kl_last": mean(ordered[-tenth:], "kl"),
-        "skipped_zero_advantage_steps": trainer.skipped_zero_advantage,
+        "reward_first": mean(generated[:tenth], "reward"),
+        "reward_last": mean(generated[-tenth:], "reward"),
+        "reward_mean": mean(generated, "reward"),
+        "kl_last": mean(rows[-tenth:], "kl"),
+        "skipped_zero_advantage_steps": sum(r.get("skipped_zero_advantage") == 1.0 for r in rows),
         "data": data_info,
         **peak_memory(),
     }
 
 
-def build_trainer(cfg: ExperimentConfig, stop: StopRequest, reward_funcs=None):
+def build_trainer(cfg: ExperimentConfig, stop: StopRequest, reward_funcs=None, attempt: int = 1):
     """The configured GRPO trainer (HF or vLLM rollouts) and a summary of its training data."""
     from transformers import set_seed
 
-    from .models import load_base_model, load_tokenizer, peft_lora_config
+    from .models import load_base_model, load_tokenizer, peft_lora_config, training_precision
     from .rewards import nli_reward
     from .rollout import trainer_class_for
 
@@ -435,19 +552,37 @@ def build_trainer(cfg: ExperimentConfig, stop: StopRequest, reward_funcs=None):
     # The training arguments first: they set up the process's GPU and, under ZeRO-3, the
     # DeepSpeed config that from_pretrained must see.
     args = trl_args(cfg, Path(cfg.output.dir) / CHECKPOINTS_DIRNAME)
+    dtype = training_precision(cfg, torch.cuda.is_available())["dtype"]
     trainer = trainer_cls(
-        model=load_base_model(cfg.model, zero3=cfg.grpo.deepspeed == "zero3"),
+        model=load_base_model(cfg.model, dtype, zero3=cfg.grpo.deepspeed == "zero3"),
         reward_funcs=reward_funcs or [nli_reward],
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_lora_config(cfg.lora),
-        callbacks=_trainer_callbacks(Path(cfg.output.dir), cfg.grpo.save_total_limit, stop),
+        callbacks=_trainer_callbacks(Path(cfg.output.dir), cfg.grpo.save_total_limit, stop, attempt),
     )
-    trainer.skip_zero_advantage_steps = cfg.grpo.skip_zero_advantage_steps
+    trainer.configure(cfg)
     if hasattr(trainer, "configure_rollout"):
         trainer.configure_rollout(cfg)
     return trainer, data_info
+
+
+#: What a checkpoint holds besides the adapter and its tokenizer: the trainer's state.
+TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", COMPLETE_MARKER)
+
+
+def adapter_from_checkpoint(checkpoint: Path, target: Path) -> None:
+    """Copy a complete checkpoint's adapter and tokenizer files to `target` (atomically: a
+    temporary folder renamed into place)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        if path.is_file() and path.name not in TRAINER_STATE_FILES and not path.name.startswith("rng_state"):
+            shutil.copy2(path, tmp / path.name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
 
 
 def train(cfg: ExperimentConfig, record: RunRecord, stop: StopRequest, reward_funcs=None) -> bool:
@@ -461,21 +596,30 @@ def train(cfg: ExperimentConfig, record: RunRecord, stop: StopRequest, reward_fu
         log.warning("removed incomplete checkpoint %s (its save was interrupted)", path)
     resume = last_complete_checkpoint(checkpoint_dir)
     first_step = _step_of(resume) if resume else 0
+    record.update(model=describe(cfg))
+    started = time.time()
+    if first_step >= cfg.grpo.max_steps:
+        # The job died after its last save and before recording the stage: nothing is left to
+        # train (transformers would run one more step from a checkpoint at max_steps).
+        log.info("%s is at grpo.max_steps=%d: no step left to train", resume, cfg.grpo.max_steps)
+        if is_main_process():
+            adapter_from_checkpoint(resume, run_dir / ADAPTER_DIRNAME)
+        summary = _train_summary(run_dir, first_step, started, first_step, cfg.grpo.max_steps, {})
+        record.mark_stage_done("train", train=summary)
+        return True
     if resume:
         log.info("resuming from %s", resume)
 
-    trainer, data_info = build_trainer(cfg, stop, reward_funcs)
+    trainer, data_info = build_trainer(cfg, stop, reward_funcs, attempt=record.attempt)
     tokenizer = trainer.processing_class
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    started = time.time()
-    record.update(model=describe(cfg))
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     if hasattr(trainer, "close_rollout"):
         trainer.close_rollout()  # free vLLM's memory before the evaluation starts its engine
     steps = trainer.state.global_step
-    summary = _train_summary(run_dir, trainer, started, first_step, cfg.grpo.max_steps, data_info)
+    summary = _train_summary(run_dir, steps, started, first_step, cfg.grpo.max_steps, data_info)
     if steps < cfg.grpo.max_steps:
         if not stop.is_set():
             raise RuntimeError(f"training ended at step {steps} of {cfg.grpo.max_steps} without a stop request")
@@ -501,17 +645,37 @@ def _release(trainer) -> None:
         torch.cuda.empty_cache()
 
 
-def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None) -> int:
+class RunConflict(RuntimeError):
+    """The run folder holds work done with other settings; the message says how to start afresh."""
+
+
+def claim_run_dir(cfg: ExperimentConfig, adapter: Path | None = None, force: bool = False) -> None:
+    """Make sure the run folder can take this run: refuse (RunConflict) when it holds work done
+    with other settings, unless `force`, which moves that work aside (nothing is deleted)."""
+    run_dir = Path(cfg.output.dir)
+    conflicts = conflicting_inputs(run_dir, cfg.to_dict(), adapter=str(adapter) if adapter else None)
+    if not conflicts:
+        return
+    if not force:
+        raise RunConflict(
+            f"{run_dir} holds a run done with other settings ({', '.join(conflicts)}); continuing it would mix two "
+            "experiments. Rerun with the settings it was started with, choose another output folder, or add --force "
+            f"to move it to {run_dir.parent / '.replaced'}/ and start afresh (nothing is deleted).")
+    if is_main_process():
+        log.warning("--force: moved the earlier run (other %s) to %s", ", ".join(conflicts), move_aside(run_dir))
+
+
+def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None, force: bool = False) -> int:
     """The whole job for one cell: train (unless zero-shot or already done), then evaluate
     (if configured and not done). `adapter`: evaluate this trained adapter instead of training
-    one (`nli_grpo.evaluate --adapter`). Returns the process exit code."""
+    one (`nli_grpo.evaluate --adapter`). `force`: start afresh where the run folder holds work
+    done with other settings (else RunConflict). Returns the process exit code."""
+    adapter = adapter.resolve() if adapter is not None else None
+    claim_run_dir(cfg, adapter, force)
     stop = StopRequest()
     stop.install()
     record = RunRecord(cfg)
     if adapter is not None:
-        adapter = adapter.resolve()
-        if record.doc["adapter"] != str(adapter):  # what an earlier run evaluated was another adapter's
-            record.doc.update(eval={}, stages_done=[s for s in record.doc["stages_done"] if s != "eval"])
         record.doc["adapter"] = str(adapter)
     record.update()
     try:
@@ -545,8 +709,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--config", default="paper", help="recipe name (paper, lora_rank, smoke) or a YAML path")
     parser.add_argument("--output-dir", help="shortcut for output.dir=...")
+    parser.add_argument("--force", action="store_true",
+                        help="where the output folder holds a run with other settings, move it aside to "
+                             "<parent>/.replaced/ and start afresh (default: refuse)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.rank=16 grpo.max_steps=100")
-    return parser.parse_args(argv)
+    # intermixed: overrides may come before and after the options
+    return parser.parse_intermixed_args(argv)
 
 
 def config_for_run(recipe: str, overrides: list[str], output_dir: str | None = None) -> ExperimentConfig:
@@ -570,9 +738,13 @@ def main(argv=None) -> int:
         cfg = config_for_run(args.config, args.overrides, args.output_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     log.info("run folder %s (cell %s)", cfg.output.dir, cfg.output.cell_id)
-    return run(cfg)
+    try:
+        return run(cfg, force=args.force)
+    except RunConflict as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ scripted "model" (exact, hand-checkable numbers), and the command line on the ti
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from nli_grpo import results
 from nli_grpo.data import BENCHMARK_NAMES, BENCHMARKS, HANS, load_benchmark
@@ -89,7 +92,8 @@ def test_command_line_zero_shot_and_adapter(tmp_path):
     assert sorted(doc["eval"]) == ["anli_r1", "hans_subsequence"] and doc["train"] is None
 
     adapter = tmp_path / "adapter"
-    get_peft_model(load_base_model(ModelConfig(name_or_path="tiny")), peft_lora_config(LoraConfig(rank=4))).save_pretrained(adapter)
+    get_peft_model(load_base_model(ModelConfig(name_or_path="tiny"), torch.float32),
+                   peft_lora_config(LoraConfig(rank=4))).save_pretrained(adapter)
     assert main([*common, "--adapter", str(adapter), "--out", str(tmp_path / "ad")]) == 0
     doc = results.read_result(tmp_path / "ad" / results.RESULT_FILENAME)
     assert doc["status"] == "complete" and doc["cell"]["lora_rank"] == 4 and doc["adapter"] == str(adapter.resolve())
@@ -121,3 +125,56 @@ def test_a_stopped_evaluation_keeps_its_finished_sets_and_the_restart_does_only_
     block = evaluate_run(cfg, None, generator=generator, done=saved[-1])
     assert generator.asked == ["anli_r1", "snli", "hans_subsequence"]
     assert list(block) == ["anli_r1", "snli", "hans_subsequence"] and block["anli_r1"] == saved[-1]["anli_r1"]
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_a_limit_below_one_is_refused_before_any_model_is_loaded(tmp_path, capsys, limit):
+    assert main(["--base", "tiny", "--config", "smoke", "--limit", limit, "--out", str(tmp_path / "x")]) == 2
+    assert f"eval.limit={limit} must be a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_lists_both_modes():
+    text = subprocess.run([sys.executable, "-m", "nli_grpo.evaluate", "--help"], capture_output=True, text=True).stdout
+    for option in ("--base", "--adapter", "--limit", "--score", "--benchmark", "--force", "--out"):
+        assert option in text, option
+
+
+def test_score_mode_takes_no_model_options(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--score", str(tmp_path / "x.jsonl"), "--benchmark", "snli", "--base", "tiny"])
+    assert exit_.value.code == 2 and "takes no --base" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--score", str(tmp_path / "x.jsonl")])
+    assert "--score needs --benchmark" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_adapter_is_evaluated_on_its_own_base_and_overrides_go_anywhere(tmp_path):
+    """No --base: the base is the one the adapter names (here the tiny stand-in), not the
+    recipe's (paper: a 7B AWQ checkpoint); key=value overrides on both sides of the options."""
+    from peft import get_peft_model
+
+    from nli_grpo.config import LoraConfig, ModelConfig
+    from nli_grpo.models import adapter_base_model, load_base_model, peft_lora_config
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_base_model(ModelConfig(name_or_path="tiny"), torch.float32),
+                   peft_lora_config(LoraConfig(rank=4))).save_pretrained(adapter)
+    assert adapter_base_model(adapter) == "tiny"
+    out = tmp_path / "ad"
+    assert main(["--config", "paper", "data.local_dir=samples", "--adapter", str(adapter), "--backend", "hf",
+                 "--limit", "1", "--benchmarks", "anli_r1", "data.hub=false", "--out", str(out), "eval.max_new_tokens=4"]) == 0
+    doc = results.read_result(out / results.RESULT_FILENAME)
+    assert doc["cell"]["model"] == "tiny" and doc["cell"]["quantization"] == "bf16" and doc["cell"]["lora_rank"] == 4
+    assert doc["config"]["eval"]["max_new_tokens"] == 4 and doc["eval"]["anli_r1"]["n"] == 1
+    # another adapter into the same folder would mix two models' predictions: refused, then --force
+    other = tmp_path / "other"
+    get_peft_model(load_base_model(ModelConfig(name_or_path="tiny"), torch.float32),
+                   peft_lora_config(LoraConfig(rank=4))).save_pretrained(other)
+    common = ["--config", "paper", "data.local_dir=samples", "data.hub=false", "--backend", "hf", "--limit", "1",
+              "--benchmarks", "anli_r1", "--out", str(out), "eval.max_new_tokens=4"]
+    assert main([*common, "--adapter", str(other)]) == 2
+    assert main([*common, "--adapter", str(other), "--force"]) == 0
+    assert results.read_result(out / results.RESULT_FILENAME)["adapter"] == str(other.resolve())
+    assert len(list((tmp_path / ".replaced").iterdir())) == 1

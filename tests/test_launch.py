@@ -7,6 +7,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -201,6 +202,7 @@ def test_checkpoint_reaches_ranks_that_run_in_sessions_of_their_own(tmp_path):
                 "sys.exit(worker.wait())\n")
     job = launch.CellJob([sys.executable, "-c", launcher], str(tmp_path), stop_timeout_s=20)
     job.start_child(stdout=subprocess.PIPE, text=True)
+    job._torchrun = True  # the launcher stands in for torchrun (start_child uses torchrun only with CUDA devices)
     assert job._child.stdout.readline() == "ready\n"
     job.checkpoint()
     assert saved.read_text() == "saved" and job._child.returncode == 75
@@ -209,10 +211,13 @@ def test_checkpoint_reaches_ranks_that_run_in_sessions_of_their_own(tmp_path):
 def test_a_rerun_with_other_settings_is_refused_and_force_starts_the_cell_afresh(tmp_path):
     from nli_grpo.sweep import _move_aside
 
+    from nli_grpo.train import RunRecord
+
     [first] = smoke_cells(tmp_path, "--ranks", "8")
     sweep_dir = tmp_path / "lora_rank-smoke"
     launch.write_config_snapshot(first.cfg, first.run_dir)
-    write_result(first.run_dir, "preempted", steps=4)
+    RunRecord(first.cfg).update(status="preempted")
+    (first.run_dir / "checkpoints" / "checkpoint-4").mkdir(parents=True)  # the work of the earlier run
     [same] = smoke_cells(tmp_path, "--ranks", "8", "grpo.save_steps=6")
     decide([same], sweep_dir, force=False, queue=lambda: {})
     assert same.problems and "other settings (grpo)" in same.problems[0] and "--force" in same.problems[0]
@@ -233,3 +238,118 @@ def test_a_local_cell_that_says_running_is_not_started_twice(tmp_path):
     write_result(cell.run_dir, "running", steps=2)
     decide([cell], tmp_path / "lora_rank-smoke", force=False, queue=None)
     assert cell.action == "skip" and "running" in cell.reason
+
+
+def test_a_training_killed_by_a_signal_is_recorded_and_restarted_a_bounded_number_of_times(tmp_path):
+    """The OOM killer's SIGKILL leaves the child no chance to write anything: the job records the
+    death (signal, step on disk) and starts it again, `retries` times at most, then fails the cell
+    with what happened instead of `error: None`."""
+    write_result(tmp_path, "running", steps=0)
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-6"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "CHECKPOINT_COMPLETE").write_text("6\n")
+    suicide = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    job = launch.CellJob([sys.executable, "-c", suicide], str(tmp_path), 10, retries=1)
+    with pytest.raises(RuntimeError, match="killed by SIGKILL with step 6 on disk.*1 retry used"):
+        job()
+    assert job.starts == 2
+    doc = results.read_result(tmp_path / results.RESULT_FILENAME)
+    assert doc["status"] == "failed" and "SIGKILL" in doc["error"] and "OOM killer" in doc["error"]
+    assert doc["failure"] == {"exit_signal": "SIGKILL", "last_step_on_disk": 6}
+    assert [(d["signal"], d["step_on_disk"], d["retried"]) for d in doc["slurm"]["deaths"]] == [
+        ("SIGKILL", 6, True), ("SIGKILL", 6, False)]
+
+
+def test_errors_are_never_retried(tmp_path):
+    write_result(tmp_path, "running", steps=0)
+    job = launch.CellJob([sys.executable, "-c", "raise SystemExit(2)"], str(tmp_path), 10, retries=5)
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        job()
+    assert job.starts == 1
+
+
+def _snapshot_cell(tmp_path: Path, *overrides: str) -> Path:
+    """A cell folder as the sweep leaves it: the config snapshot the job's command runs."""
+    from nli_grpo.train import config_for_run
+
+    run_dir = tmp_path / "cell"
+    launch.write_config_snapshot(config_for_run("smoke", list(overrides), str(run_dir)), run_dir)
+    return run_dir
+
+
+def _wait_for(predicate, job_thread, timeout: float = 300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert job_thread.is_alive(), "the job ended before the test could act"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _in_thread(job):
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = job()
+        except Exception as err:  # noqa: BLE001 - the test reads it
+            outcome["error"] = err
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.slow
+def test_a_killed_training_restarts_from_its_last_checkpoint_and_completes(tmp_path):
+    run_dir = _snapshot_cell(tmp_path, "grpo.max_steps=40", "grpo.save_steps=2", "eval.after_training=false")
+    job = launch.CellJob(launch.train_command(run_dir), str(run_dir), 30, retries=2)
+    thread, outcome = _in_thread(job)
+    _wait_for(lambda: any((run_dir / "checkpoints").glob("checkpoint-*/CHECKPOINT_COMPLETE")), thread)
+    os.kill(job._child.pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert outcome.get("result", {}).get("status") == "complete", outcome
+    doc = results.read_result(run_dir / results.RESULT_FILENAME)
+    assert job.starts == 2 and doc["slurm"]["attempts"] == 2
+    (death,) = doc["slurm"]["deaths"]
+    assert death["signal"] == "SIGKILL" and death["retried"] and death["step_on_disk"] >= 2
+    assert doc["train"]["steps_done"] == 40 and doc["train"]["resumed_from_step"] == death["step_on_disk"]
+
+
+def _engine_processes(since: float) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["name", "cmdline", "create_time"]):
+        text = " ".join([process.info["name"] or "", *(process.info["cmdline"] or [])])
+        if "EngineCore" in text and process.info["create_time"] >= since - 1:
+            found.append(process)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_usr2_reaches_the_training_rank_not_the_vllm_engine(tmp_path):
+    """With colocated vLLM rollouts the rank has a child of its own, vLLM's engine process, which
+    handles only SIGTERM/SIGINT: a USR2 sent to it too would kill it under the step in flight.
+    Only the rank gets it: it finishes the step, saves, exits 75; the rerun completes with the
+    exact step count; no engine process is left behind."""
+    started = time.time()
+    run_dir = _snapshot_cell(tmp_path, "rollout.backend=vllm", "grpo.max_steps=30", "grpo.num_iterations=1",
+                             "grpo.save_steps=1000", "eval.after_training=false")
+    job = launch.CellJob(launch.train_command(run_dir), str(run_dir), 120)
+    thread, outcome = _in_thread(job)
+    _wait_for(lambda: len(results.read_jsonl(run_dir / results.TRAIN_LOG_FILENAME)) >= 2, thread)
+    job.checkpoint()
+    thread.join(timeout=120)
+    assert job._child.returncode == 75, outcome
+    doc = results.read_result(run_dir / results.RESULT_FILENAME)
+    stopped_at = doc["train"]["steps_done"]
+    assert doc["status"] == "preempted" and 2 <= stopped_at < 30
+    assert (run_dir / "checkpoints" / f"checkpoint-{stopped_at}" / "CHECKPOINT_COMPLETE").exists()
+
+    assert launch.CellJob(launch.train_command(run_dir), str(run_dir), 120)()["status"] == "complete"
+    doc = results.read_result(run_dir / results.RESULT_FILENAME)
+    assert doc["train"]["steps_done"] == 30 and doc["train"]["resumed_from_step"] == stopped_at
+    deadline = time.time() + 30
+    while _engine_processes(started) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _engine_processes(started) == []

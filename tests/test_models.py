@@ -37,7 +37,7 @@ def tiny_tokenizer(tiny_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_path):
-    return load_base_model(ModelConfig(name_or_path="tiny", quantization="bf16"))
+    return load_base_model(ModelConfig(name_or_path="tiny", quantization="bf16"), torch.float32)
 
 
 # --------------------------------------------------------------------------- names
@@ -142,7 +142,7 @@ def test_completions_decode_without_special_tokens(tiny_tokenizer):
 
 
 def test_gradient_checkpointing_turns_off_the_kv_cache(model_cache):
-    model = load_base_model(ModelConfig(name_or_path="tiny", gradient_checkpointing=True))
+    model = load_base_model(ModelConfig(name_or_path="tiny", gradient_checkpointing=True), torch.float32)
     assert model.config.use_cache is False
 
 
@@ -150,7 +150,7 @@ def test_gradient_checkpointing_turns_off_the_kv_cache(model_cache):
 def test_bnb4_gives_4bit_linear_layers_that_run(tiny_tokenizer):
     import bitsandbytes as bnb
 
-    model = load_base_model(ModelConfig(name_or_path="tiny", quantization="bnb4"))
+    model = load_base_model(ModelConfig(name_or_path="tiny", quantization="bnb4"), torch.float32)
     layer = model.model.layers[0]
     for proj in [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj]:
         assert isinstance(proj, bnb.nn.Linear4bit)
@@ -166,7 +166,7 @@ def test_bnb4_gives_4bit_linear_layers_that_run(tiny_tokenizer):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
 def test_awq_without_cuda_is_a_clear_error(model_cache):
     with pytest.raises(RuntimeError, match="GPU"):
-        load_base_model(ModelConfig(name_or_path="Qwen/Qwen2.5-7B-Instruct-AWQ", quantization="awq"))
+        load_base_model(ModelConfig(name_or_path="Qwen/Qwen2.5-7B-Instruct-AWQ", quantization="awq"), torch.float16)
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -212,3 +212,42 @@ def test_grpo_job_with_bnb4_and_lora_on_cpu(model_cache, tmp_path):
     weights = load_file(adapter / "adapter_model.safetensors")
     # PEFT starts every lora_B at zero; a non-zero one shows that the optimizer stepped.
     assert any(w.abs().max() > 0 for name, w in weights.items() if "lora_B" in name)
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("paper", []),                                                          # 7B AWQ, the main runs
+    ("paper", ["model.name_or_path=Qwen/Qwen2.5-32B-Instruct-AWQ"]),
+    ("lora_rank", []),                                                      # the unquantised 7B of the rank ablation
+    ("lora_rank", ["model.name_or_path=Qwen/Qwen2.5-7B-Instruct-AWQ", "model.quantization=awq"]),
+    ("lora_rank", ["model.quantization=bnb4"]),
+])
+def test_paper_recipes_train_like_the_authors_fp16_weights_under_bf16_autocast(recipe, overrides):
+    """The authors' configs/grpo/base.yaml: every base loaded in float16, training under bf16
+    autocast (bf16: true, fp16: false), AWQ included; no fp16 GradScaler. Their evaluation ran
+    vLLM with dtype auto (the checkpoint's own). On a CPU: float32, no autocast."""
+    from nli_grpo.config import load_config
+    from nli_grpo.models import eval_dtype, training_precision
+
+    cfg = load_config(recipe, overrides)
+    assert training_precision(cfg, cuda=True) == {"dtype": torch.float16, "bf16": True, "fp16": False}
+    assert eval_dtype(cfg, cuda=True) == "auto"
+    assert training_precision(cfg, cuda=False) == {"dtype": torch.float32, "bf16": False, "fp16": False}
+    assert eval_dtype(cfg, cuda=False) == torch.float32
+
+
+def test_precision_fields_reach_the_trainer_and_the_loaded_model(tmp_path):
+    from nli_grpo.config import ConfigError, load_config
+    from nli_grpo.models import training_precision
+    from nli_grpo.train import config_for_run, trl_args
+
+    cfg = config_for_run("smoke", [], str(tmp_path))
+    args = trl_args(cfg, tmp_path)
+    assert (args.bf16, args.fp16) == (False, False)  # this CPU: float32, as training_precision says
+    model = load_base_model(cfg.model, training_precision(cfg, cuda=False)["dtype"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    fp16 = load_config("paper", ["grpo.mixed_precision=fp16", "model.dtype=float16"])
+    assert training_precision(fp16, cuda=True) == {"dtype": torch.float16, "bf16": False, "fp16": True}
+    with pytest.raises(ConfigError, match="AWQ kernels compute in float16"):
+        load_config("paper", ["model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="grpo.mixed_precision='fp32' is not allowed"):
+        load_config("paper", ["grpo.mixed_precision=fp32"])

@@ -1,8 +1,9 @@
 """vLLM rollouts by adapter hot-swap, for real on vLLM's CPU build: the policy learns through them,
-the adapter vLLM serves is the current one (not a stale copy), and vLLM evaluation agrees with HF.
+each generation batch is sampled from the current adapter (not a stale copy), also when one batch
+serves four optimizer steps (num_iterations=4), and vLLM evaluation agrees with HF.
 
-One training run (one vLLM engine) is shared by the tests of this module: an engine start costs
-~20 s on this machine."""
+One training run (one vLLM engine, ~20 s to start here) serves the tests of this module; no test
+changes what another one reads, so they pass in any order and alone."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import pytest
 import torch
 
 from nli_grpo import results
-from nli_grpo.evaluate import HFGenerator, VLLMGenerator
+from nli_grpo.evaluate import HFGenerator, VLLMGenerator, evaluate_run
 from nli_grpo.prompts import render_prompt
 from nli_grpo.train import StopRequest, build_trainer, config_for_run
 
 from test_train import LEARNING_OVERRIDES, target_token_reward
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+#: Four optimizer steps per generation batch (the paper's num_iterations).
+ITERATIONS = 4
 
 PAIRS = [
     ("A man is playing a guitar on stage.", "A man is performing music."),
@@ -27,36 +31,39 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory):
-    """A GRPO run with vLLM rollouts on the learning-signal task; yields the live trainer."""
+    """A GRPO run with vLLM rollouts on the learning-signal task, 4 optimizer steps per batch.
+    Yields the config, the live trainer and the policy versions published during training."""
     out = tmp_path_factory.mktemp("vllm_run")
-    cfg = config_for_run("smoke", [*LEARNING_OVERRIDES, "rollout.backend=vllm"], str(out))
+    cfg = config_for_run("smoke", [*LEARNING_OVERRIDES, "rollout.backend=vllm", f"grpo.num_iterations={ITERATIONS}",
+                                   "grpo.max_steps=48"], str(out))
     trainer, _ = build_trainer(cfg, StopRequest(), reward_funcs=[target_token_reward])
     trainer.train()
-    yield cfg, trainer
+    yield cfg, trainer, list(trainer.hot_swap.published_steps)
     trainer.close_rollout()
 
 
 def test_learning_signal_with_vllm_rollouts(vllm_run):
-    cfg, trainer = vllm_run
-    rewards = [r["reward"] for r in results.read_jsonl(f"{cfg.output.dir}/{results.TRAIN_LOG_FILENAME}")]
+    cfg, trainer, published = vllm_run
+    rewards = [r["reward"] for r in results.read_train_log(f"{cfg.output.dir}/{results.TRAIN_LOG_FILENAME}") if "reward" in r]
     fifth = len(rewards) // 5
     first, last = sum(rewards[:fifth]) / fifth, sum(rewards[-fifth:]) / fifth
     assert trainer.state.global_step == cfg.grpo.max_steps
     assert last >= 3 * first, (first, last)
-    # Every update was handed to vLLM as a new, small adapter version.
-    assert trainer.hot_swap.version_step == cfg.grpo.max_steps - 1
+    # Every generation batch (one per 4 updates) was sampled from a new, small adapter version:
+    # the policy after exactly the updates made so far.
+    assert published == list(range(0, cfg.grpo.max_steps, ITERATIONS))
     assert 0 < trainer.hot_swap.bytes_last_sync < 5_000_000
 
 
 def test_hot_swapped_adapter_generates_exactly_what_hf_generates(vllm_run):
     from vllm import SamplingParams
 
-    cfg, trainer = vllm_run
+    cfg, trainer, _ = vllm_run
     tokenizer = trainer.processing_class
     prompt_ids = [tokenizer(render_prompt(tokenizer, p, h), add_special_tokens=False).input_ids for p, h in PAIRS]
-    # The policy after the last update: publish it (a new version), then generate greedily.
-    trainer.state.global_step += 1
+    # The policy after the last update, published as the next generation would (idempotent).
     outputs = trainer.rollout_generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=12))
+    assert trainer.hot_swap.version_step == cfg.grpo.max_steps
     vllm_tokens = [list(o.outputs[0].token_ids) for o in outputs]
 
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
@@ -78,18 +85,17 @@ def test_hot_swapped_adapter_generates_exactly_what_hf_generates(vllm_run):
 
 
 def test_vllm_and_hf_evaluation_agree(vllm_run, tmp_path):
-    cfg, trainer = vllm_run
+    """The trained adapter, saved, evaluated by a vLLM engine of its own and by HF generate."""
+    _, trainer, _ = vllm_run
     adapter = tmp_path / "adapter"
     trainer.accelerator.unwrap_model(trainer.model).save_pretrained(adapter)
     eval_cfg = config_for_run("smoke", ["eval.max_new_tokens=12", "eval.limit=4"], str(tmp_path / "eval"))
-    trainer.close_rollout()  # one engine at a time in this 24 GiB machine
-    from nli_grpo.evaluate import evaluate_run
-
     by_backend = {}
     for generator_cls in (VLLMGenerator, HFGenerator):
         generator = generator_cls(eval_cfg, adapter)
         by_backend[generator_cls.__name__] = evaluate_run(eval_cfg, adapter, generator=generator)
-        del generator
+        if hasattr(generator, "close"):
+            generator.close()
     vllm_block, hf_block = by_backend["VLLMGenerator"], by_backend["HFGenerator"]
     assert vllm_block.keys() == hf_block.keys() and len(vllm_block) == 13
     for name in vllm_block:

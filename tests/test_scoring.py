@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from nli_grpo import scoring
+from nli_grpo.evaluate import main  # `python -m nli_grpo.evaluate --score`: the command line of scoring
 from nli_grpo.scoring import (
-    main, prediction_records, predictions_path, read_predictions, score_benchmark, score_file,
-    write_predictions,
+    score_benchmark, score_file,
 )
 
 
@@ -309,60 +308,3 @@ def test_main_unknown_benchmark_and_bad_file(tmp_path, capsys):
     assert "line 1: no 'label', 'completion'" in capsys.readouterr().err
     assert main(["--score", str(tmp_path / "missing.jsonl"), "--benchmark", "snli"]) == 1
     assert "missing.jsonl" in capsys.readouterr().err
-
-
-def test_evaluate_cli_hands_score_to_scoring(tmp_path, capsys):
-    evaluate = pytest.importorskip("nli_grpo.evaluate")
-    path = tmp_path / "c.jsonl"
-    write_lines(path, three_way_records())
-    assert evaluate.main(["--score", str(path), "--benchmark", "snli"]) == 0
-    assert "accuracy          0.7500" in capsys.readouterr().out
-
-
-# --- predictions -----------------------------------------------------------------------------------
-
-def test_predictions_round_trip_and_rescoring(tmp_path):
-    ids = [f"h{i}" for i in range(8)]
-    groups = {"heuristic": ["constituent"] * 8, "subcase": HANS_SUBCASES}
-    records = prediction_records("hans_constituent", ids, HANS_GOLDS, HANS_COMPLETIONS, groups)
-    assert records[1] == {"id": "h1", "label": 0, "prediction": 1, "correct": False,
-                          "completion": answer("neutral"), "heuristic": "constituent", "subcase": "s_ent"}
-    # contradiction and unparseable answers are right on HANS non-entailment
-    assert [(r["prediction"], r["correct"]) for r in records[3:6]] == [(1, True), (2, True), (-1, True)]
-
-    with pytest.raises(ValueError, match="lengths .*'completions': 7"):
-        prediction_records("hans_constituent", ids, HANS_GOLDS, HANS_COMPLETIONS[:7], groups)
-
-    path = predictions_path(tmp_path / "run", "hans_constituent")
-    assert path == tmp_path / "run" / "predictions" / "hans_constituent.jsonl.gz"
-    write_predictions(path, records)
-    assert path.read_bytes()[:2] == b"\x1f\x8b"
-    assert read_predictions(path) == records
-    assert score_file(path, "hans_constituent") == score_benchmark(
-        "hans_constituent", HANS_GOLDS, HANS_COMPLETIONS, groups)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
-
-    header = path.read_bytes()[:10]
-    assert header[3] == 0 and header[4:8] == bytes(4)  # no name, no time: equal records, equal bytes
-
-
-def test_write_predictions_keeps_old_file_when_writing_fails(tmp_path):
-    path = tmp_path / "snli.jsonl.gz"
-    write_predictions(path, [{"id": "a", "label": 0, "completion": "x"}])
-
-    def failing():
-        yield {"id": "b", "label": 1, "completion": "y"}
-        raise RuntimeError("generation crashed")
-
-    with pytest.raises(RuntimeError):
-        write_predictions(path, failing())
-    assert read_predictions(path) == [{"id": "a", "label": 0, "completion": "x"}]
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]
-
-
-def test_scoring_module_does_not_pull_in_torch():
-    import subprocess
-    import sys
-    code = "import sys, nli_grpo.scoring; print('torch' in sys.modules or 'transformers' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
-    assert scoring.ANSWER_NAMES[-1] == "unparseable"
