@@ -22,12 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .config import ExperimentConfig
 from .data import BENCHMARK_NAMES
-from .results import RESULT_FILENAME, SCHEMA_VERSION, TOOL, TRAIN_LOG_FILENAME, package_versions, read_jsonl
+from .grid import cell_from_config, cell_id
+from .layout import CellFolder, result_document
+from .results import package_versions, read_train_log
 
 BENCHMARKS: dict[str, Callable[[Path], dict]] = {}
 
@@ -68,23 +70,17 @@ def synthetic_result(sweep: str, model: str, quantization: str, lora_rank: int |
                 entry["per_subcase"] = {f"subcase_{i}": round(acc + rng.gauss(0, 0.05), 4)
                                         for i in range(HANS_SUBCASES)}
             evals[name] = entry
-    stage = "zero_shot" if lora_rank is None else "grpo"
-    cell_id = f"{model}__{quantization}__{'zs' if lora_rank is None else f'r{lora_rank}'}__s{seed}"
-    config = ExperimentConfig(stage=stage, seed=seed).to_dict()  # the real shape, every field
-    config["model"].update(name_or_path=f"Qwen/{model}-Instruct", quantization=quantization)
-    config["lora"]["rank"] = lora_rank or 64
-    config["output"].update(sweep=sweep, cell_id=cell_id)
-    return {
-        "schema_version": SCHEMA_VERSION, "tool": TOOL, "sweep": sweep, "cell_id": cell_id, "status": status,
-        "cell": {"model": model, "quantization": quantization, "lora_rank": lora_rank, "seed": seed, "stage": stage},
-        "config": config,
-        "versions": VERSIONS,
-        "slurm": {"job_id": str(rng.randrange(10**6)), "array_task_id": seed, "attempts": 1},
-        "train": None if stage == "zero_shot" else {"steps_done": 1000, "max_steps": 1000, "wall_time_s": 3600.0,
-                                                    "reward_first": 0.3, "reward_last": 0.7, "kl_last": 0.02},
-        "eval": evals, "error": "CUDA out of memory" if status == "failed" else None,
-        "created_at": "2025-01-01T00:00:00+00:00", "updated_at": "2025-01-01T00:00:00+00:00",
-    }
+    cfg = ExperimentConfig(stage="zero_shot" if lora_rank is None else "grpo", seed=seed)  # every field, as a job's
+    cfg.model.name_or_path, cfg.model.quantization = f"Qwen/{model}-Instruct", quantization
+    cfg.lora.rank = lora_rank or 64
+    cfg.output.sweep, cfg.output.cell_id = sweep, cell_id(cell_from_config(cfg))
+    return result_document(
+        cfg, status=status, versions=VERSIONS,
+        slurm={"job_id": str(rng.randrange(10**6)), "array_task_id": seed, "attempts": 1},
+        train=None if lora_rank is None else {"steps_done": 1000, "max_steps": 1000, "wall_time_s": 3600.0,
+                                              "reward_first": 0.3, "reward_last": 0.7, "kl_last": 0.02},
+        eval=evals, error="CUDA out of memory" if status == "failed" else None,
+        created_at="2025-01-01T00:00:00+00:00", updated_at="2025-01-01T00:00:00+00:00")
 
 
 VERSIONS = package_versions()
@@ -93,24 +89,29 @@ VERSIONS = package_versions()
 def write_synthetic_results(root: str | os.PathLike, n_results: int, *, cells_per_sweep: int = 1000,
                             log_steps: int = 20, seed: int = 0) -> int:
     """Write `n_results` synthetic cells under `root` as sweeps `synthetic_00`, `synthetic_01`, ...
-    (model x quantization x zero-shot/LoRA ranks, seeds added until a sweep is full), each GRPO cell
+    (model x quantization: a zero-shot cell, and LoRA ranks with seeds added until a sweep is full), each GRPO cell
     with a `log_steps`-line train log. Returns the number of sweeps. Plain writes (not atomic):
     throwaway data, and 10,000 fsyncs would dominate the set-up time."""
     rng = random.Random(seed)
     base = {name: rng.uniform(0.45, 0.75) for name in BENCHMARK_NAMES}
-    variants = [(m, q, r) for m in SYNTHETIC_MODELS for q in SYNTHETIC_QUANTIZATIONS for r in SYNTHETIC_RANKS]
+    # One zero-shot cell per model variant (greedy evaluation: its id has no seed), then the GRPO
+    # cells of every rank, seed after seed.
+    variants = [(m, q) for m in SYNTHETIC_MODELS for q in SYNTHETIC_QUANTIZATIONS]
+    grpo = [(m, q, r) for m, q in variants for r in SYNTHETIC_RANKS if r is not None]
+    cells = [(m, q, None, 0) for m, q in variants]
+    cells += [(*grpo[i % len(grpo)], i // len(grpo)) for i in range(cells_per_sweep - len(cells))]
     n_sweeps = math.ceil(n_results / cells_per_sweep)
     for i in range(n_results):
-        sweep, index = f"synthetic_{i // cells_per_sweep:02d}", i % cells_per_sweep
-        model, quantization, rank = variants[index % len(variants)]
-        doc = synthetic_result(sweep, model, quantization, rank, index // len(variants), rng, base)
-        folder = Path(root) / sweep / doc["cell_id"]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / RESULT_FILENAME).write_text(json.dumps(doc, indent=2))
+        sweep = f"synthetic_{i // cells_per_sweep:02d}"
+        model, quantization, rank, cell_seed = cells[i % cells_per_sweep]
+        doc = synthetic_result(sweep, model, quantization, rank, cell_seed, rng, base)
+        folder = CellFolder(Path(root) / sweep / doc["cell_id"])
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder.result.write_text(json.dumps(doc, indent=2))
         if rank is not None:
             lines = (json.dumps({"step": s, "reward": round(0.3 + 0.4 * s / log_steps + rng.gauss(0, 0.03), 4),
                                  "kl": round(0.001 * s, 5), "loss": 0.01}) for s in range(0, log_steps * 10, 10))
-            (folder / TRAIN_LOG_FILENAME).write_text("\n".join(lines) + "\n")
+            folder.train_log.write_text("\n".join(lines) + "\n")
     return n_sweeps
 
 
@@ -135,23 +136,26 @@ def bench_aggregate(workdir: Path, n_results: int = 10_000) -> dict:
     """`python -m nli_grpo.aggregate` on 10,000 synthetic result files: read + validate, tables,
     the whole in-process run without and with plots, and the CLI end to end (interpreter start-up
     and imports included) without plots."""
-    from . import aggregate
+    from .aggregate.__main__ import main as aggregate_main
+    from .aggregate.collect import collect
+    from .aggregate.render import render_report
+    from .aggregate.tables import DEFAULT_REFERENCE, build_sweep_results, load_references, tables_for
 
     root = workdir / "results"
     setup_s, _, n_sweeps = _timed(write_synthetic_results, root, n_results)
-    read_s, read_cpu, collection = _timed(aggregate.collect, [root])
-    references = aggregate.load_references(aggregate.DEFAULT_REFERENCE)
+    read_s, read_cpu, collection = _timed(collect, [root])
+    references = load_references(DEFAULT_REFERENCE)
 
     def tables():
-        sweeps = aggregate.build_sweeps(collection.runs)
-        sweep_tables = [(s, aggregate.tables_for(s, references)) for s in sweeps]
-        return aggregate.render_report(sweep_tables, len(collection.runs), collection.skipped, "accuracy")
+        sweeps = build_sweep_results(collection.runs)
+        sweep_tables = [(s, tables_for(s, references)) for s in sweeps]
+        return render_report(sweep_tables, len(collection.runs), collection.skipped, "accuracy")
 
     tables_s, tables_cpu, _ = _timed(tables)
 
     def run(*extra: str) -> int:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return aggregate.main([str(root), "--out", str(workdir / "out"), *extra])
+            return aggregate_main([str(root), "--out", str(workdir / "out"), *extra])
 
     no_plots_s, no_plots_cpu, rc_no_plots = _timed(run, "--no-plots")
     with_plots_s, with_plots_cpu, rc_plots = _timed(run)
@@ -179,14 +183,13 @@ def _rollout_setup(workdir: Path):
     """The policy both rollout benchmarks use: the smoke recipe on NLI_GRPO_BENCH_MODEL (default
     the tiny CPU model; `random:qwen2.5-7b` on a GPU node for the real shape), LoRA rank
     NLI_GRPO_BENCH_RANK (default 64, the paper's), and a batch of NLI prompts x group size."""
+    import torch
     from peft import get_peft_model
 
     from .data import load_train_source
-    import torch
-
+    from .job import config_for_run
     from .models import load_base_model, load_tokenizer, peft_lora_config, training_precision
     from .prompts import render_prompt
-    from .train import config_for_run
 
     model = os.environ.get("NLI_GRPO_BENCH_MODEL", "tiny")
     rank = int(os.environ.get("NLI_GRPO_BENCH_RANK", "64"))
@@ -286,8 +289,9 @@ def bench_sync_bytes(workdir: Path) -> dict:
     from peft import get_peft_model
     from transformers import Qwen2ForCausalLM
 
+    from .catalog import QWEN25_COMMON, QWEN25_SHAPES
     from .config import LoraConfig
-    from .models import QWEN25_COMMON, QWEN25_SHAPES, _qwen2_config, peft_lora_config
+    from .models import _qwen2_config, peft_lora_config
 
     figures = {}
     for name, shape in QWEN25_SHAPES.items():
@@ -311,8 +315,8 @@ def bench_grpo_step(workdir: Path) -> dict:
     model (default the tiny CPU one; `random:qwen2.5-7b` on a GPU node is the issue's check)."""
     import torch
 
+    from .job import config_for_run, run
     from .results import read_result
-    from .train import config_for_run, run
 
     model = os.environ.get("NLI_GRPO_BENCH_MODEL", "tiny")
     quantizations = ["bf16", "bnb4"]
@@ -328,8 +332,8 @@ def bench_grpo_step(workdir: Path) -> dict:
         # Alternating rewards: every group has non-zero advantages, so every step runs backward.
         if run(cfg, reward_funcs=[lambda completions, **_: [float(i % 2) for i in range(len(completions))]]) != 0:
             raise RuntimeError(f"the {quantization} run failed; see {out}")
-        train = read_result(out / RESULT_FILENAME)["train"]
-        step_times = [r["step_time"] for r in read_jsonl(out / TRAIN_LOG_FILENAME) if "step_time" in r]
+        train = read_result(CellFolder(out).result)["train"]
+        step_times = [r["step_time"] for r in read_train_log(CellFolder(out).train_log) if "step_time" in r]
         figures[f"{quantization}_peak_memory_gb"] = train["peak_memory_gb"]
         figures[f"{quantization}_memory_kind"] = train["peak_memory_kind"]
         figures[f"{quantization}_step_s_after_first"] = round(sum(step_times[1:]) / max(1, len(step_times[1:])), 3)

@@ -65,10 +65,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    from .catalog import default_quantization
     from .config import load_config
     from .data import load_train_source
-    from .evaluate import make_generator
-    from .models import default_quantization
+    from .evaluation import make_generator
     from .prompts import render_prompt
 
     overrides = [*args.overrides, f"model.name_or_path={args.base}", "stage=zero_shot",

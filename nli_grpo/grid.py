@@ -8,10 +8,9 @@ import itertools
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from .catalog import model_key, model_shape, qwen_checkpoint
 from .config import ExperimentConfig
-from .models import model_key
 
 
 def cell_from_config(cfg: ExperimentConfig) -> dict:
@@ -52,14 +51,13 @@ SIZE_RESOURCES = {
     "14b": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 96, "timeout_min": 36 * 60, "gpu_memory_gb": 80},
     "32b": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 128, "timeout_min": 48 * 60, "gpu_memory_gb": 80},
 }
-_CHECKPOINT_SUFFIX = {"bf16": "", "awq": "-AWQ", "bnb4": ""}  # bnb4 quantises the bf16 checkpoint at load
 
 
 def qwen(size: str, quantization: str) -> dict:
     """One model variant as a linked axis value: the Qwen2.5-Instruct checkpoint that goes with the
     quantization (AWQ needs the pre-quantised `-AWQ` checkpoint) plus the size's Slurm resources."""
     return {
-        "model.name_or_path": f"Qwen/Qwen2.5-{size.upper()}-Instruct{_CHECKPOINT_SUFFIX[quantization]}",
+        "model.name_or_path": qwen_checkpoint(size, quantization),
         "model.quantization": quantization,
         **{f"resources.{k}": v for k, v in SIZE_RESOURCES[size].items()},
     }
@@ -167,22 +165,6 @@ _BYTES_PER_LINEAR_WEIGHT = {"bf16": 2.0, "awq": 0.52, "bnb4": 0.53}  # 4-bit + g
 _LORA_BYTES_PER_PARAM = {"8bit": 4 + 4 + 2, "other": 4 + 4 + 8}     # fp32 weight + grad + Adam moments
 _OVERHEAD_GB = 2.0   # CUDA context, allocator fragmentation
 _VLLM_KV_GB = 6.0    # the KV cache nli_grpo.rollout adds to the weights for its derived share
-
-
-def model_shape(name_or_path: str) -> dict | None:
-    """hidden / intermediate / layers / heads / kv heads / vocab of a model, without loading it:
-    known Qwen2.5 shapes, the tiny stand-in, or a local folder's config.json; None if unknown."""
-    from .models import QWEN25_COMMON, QWEN25_SHAPES, TINY_SHAPE, TINY_VOCAB_SIZE
-
-    if name_or_path == "tiny":
-        return {**TINY_SHAPE, "vocab_size": TINY_VOCAB_SIZE}
-    key = model_key(name_or_path).removesuffix("-random")
-    if key in QWEN25_SHAPES:
-        return {**QWEN25_SHAPES[key], "vocab_size": QWEN25_COMMON["vocab_size"]}
-    config = Path(name_or_path) / "config.json"
-    if config.is_file():
-        return json.loads(config.read_text())
-    return None
 
 
 def base_weights_gb(cfg: ExperimentConfig) -> float | None:

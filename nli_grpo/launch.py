@@ -1,29 +1,27 @@
-"""submitit glue: the checkpointable cell job, executors and job arrays, the sweep manifest, and
-what Slurm says about partitions and queued jobs.
+"""submitit glue: the checkpointable cell job, executors, and cells grouped into job arrays.
 
 A cell runs as `python -m nli_grpo.train --config <cell>/config.yaml --output-dir <cell>` in a child
 process of the submitit job (`CellJob`): CUDA and vLLM memory stay out of submitit's process, and
 the child resumes from its last complete checkpoint on every start. On USR2 (time limit or
-preemption) submitit calls `CellJob.checkpoint()`, which forwards the signal to the child, waits for
-it to save and exit, and hands submitit a resubmission of the same job: submitit requeues it. An
-external `scontrol requeue` calls no hook: the job simply starts again and the child resumes.
+preemption) submitit calls `CellJob.checkpoint()`, which forwards the signal to the training
+processes, waits for them to save and exit, and hands submitit a resubmission of the same job:
+submitit requeues it. An external `scontrol requeue` calls no hook: the job simply starts again
+and the child resumes.
 
 Two submitit settings matter (see slurm/README.md):
 - `slurm_max_num_timeout` is set to MAX_REQUEUES: submitit counts every USR2 of a job with
   `timeout_min <= 10` as a time-out and stops requeueing after `max_num_timeout` (default 3).
 - `slurm_signal_delay_s` (SIGNAL_DELAY_S): USR2 comes that long before the time limit; the child
   gets at most that (or the partition's GraceTime, when shorter) minus a margin to save.
+
+What Slurm says (partitions, the queue) is nli_grpo.slurm's; the manifest is nli_grpo.manifest's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import getpass
 import json
 import logging
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -36,12 +34,10 @@ import submitit
 
 from . import results
 from .config import ResourcesConfig
+from .layout import CellFolder
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILENAME = "manifest.json"
-CONFIG_FILENAME = "config.yaml"
-LOGS_DIRNAME = "logs"
 #: submitit's requeue budget per job (its default, 3, is used up by three short preemptions).
 MAX_REQUEUES = 20
 #: Restarts of a cell's training killed by a signal (OOM killer, node fault), per job.
@@ -51,13 +47,6 @@ SIGNAL_DELAY_S = 300
 #: Time kept back from the signal delay / grace time for submitit's own requeue and exit.
 STOP_MARGIN_S = 15
 CLUSTERS = ("slurm", "local", "debug")
-#: squeue states of a job that is still in the queue (a rerun must not submit its cell again).
-QUEUED_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-                 "REQUEUE_FED", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"}
-
-
-class SlurmError(RuntimeError):
-    """A Slurm command failed or the cluster cannot take a request; the message says what to do."""
 
 
 # --------------------------------------------------------------------------- the job
@@ -84,7 +73,7 @@ class CellJob:
         self._stopping = False
 
     def __call__(self) -> dict:
-        from .train import EXIT_PREEMPTED, record_signal_death
+        from .job import EXIT_PREEMPTED, record_signal_death
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         deaths = 0
@@ -96,14 +85,14 @@ class CellJob:
                 time.sleep(1.0)
             if code < 0 and not self._stopping:
                 retry = deaths < self.retries
-                message = record_signal_death(Path(self.run_dir), signal.Signals(-code).name, deaths, self.retries, retry)
+                message = record_signal_death(self.run_dir, signal.Signals(-code).name, deaths, self.retries, retry)
                 log.error(message)
                 if retry:
                     deaths += 1
                     continue
                 raise RuntimeError(f"{self.run_dir}: {message}")
             break
-        doc = results.load_existing(Path(self.run_dir) / results.RESULT_FILENAME) or {}
+        doc = results.load_existing(CellFolder(self.run_dir).result) or {}
         if code == EXIT_PREEMPTED or self._stopping:
             raise RuntimeError(f"{self.run_dir}: stopped by a signal after saving (exit {code}); "
                                "it resumes when requeued, or when the sweep is run again")
@@ -165,7 +154,8 @@ class CellJob:
 
 def train_command(run_dir: Path) -> list[str]:
     """What a cell job runs: the training entry point on the config snapshot in the cell folder."""
-    return [sys.executable, "-u", "-m", "nli_grpo.train", "--config", str(run_dir / CONFIG_FILENAME), "--output-dir", str(run_dir)]
+    return [sys.executable, "-u", "-m", "nli_grpo.train", "--config", str(CellFolder(run_dir).config_snapshot),
+            "--output-dir", str(run_dir)]
 
 
 def with_torchrun(command: list[str], processes: int) -> list[str]:
@@ -210,7 +200,7 @@ def write_config_snapshot(cfg, run_dir: Path) -> None:
     runs what was validated, whatever happened to the recipes meanwhile)."""
     from omegaconf import OmegaConf
 
-    with results.atomic_open(run_dir / CONFIG_FILENAME) as f:
+    with results.atomic_open(CellFolder(run_dir).config_snapshot) as f:
         f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
@@ -271,173 +261,34 @@ def sbatch_script(folder: Path, parameters: dict, array_size: int) -> str:
     return _make_sbatch_string(command=executor._submitit_command_str, folder=executor.folder, **executor.parameters, **extra)
 
 
-def submit_cells(cells: list, options: LaunchOptions, folder: Path, name: str, max_array_size: int) -> tuple[dict, list]:
-    """Submit cells (objects with `.cfg` and `.run_dir`) as job arrays: one per distinct resource
-    request, chunked to the cluster's MaxArraySize. Returns ({cell_id: job}, [errors]); a failed
-    submission stops the rest and is reported, the jobs already submitted are returned."""
+def array_groups(cells: list, options: LaunchOptions, name: str, max_array_size: int) -> list[tuple[dict, list]]:
+    """The job arrays a list of cells (objects with `.cfg`) is submitted as: one per distinct
+    executor parameters (cells asking Slurm for the same thing), chunked to the cluster's
+    MaxArraySize. The dry run shows exactly these; the submission submits exactly these."""
     groups: dict[str, tuple[dict, list]] = {}
     for cell in cells:
         params = executor_parameters(cell.cfg.resources, options, name)
         groups.setdefault(json.dumps(params, sort_keys=True), (params, []))[1].append(cell)
+    return [(params, group[start:start + max_array_size])
+            for params, group in groups.values() for start in range(0, len(group), max_array_size)]
+
+
+def submit_cells(cells: list, options: LaunchOptions, folder: Path, name: str, max_array_size: int) -> tuple[dict, list]:
+    """Submit cells (objects with `.cfg` and `.run_dir`) as the job arrays of `array_groups`.
+    Returns ({cell_id: job}, [errors]); a failed submission stops the rest and is reported, the
+    jobs already submitted are returned."""
     jobs = {}
-    for params, group in groups.values():
+    for params, chunk in array_groups(cells, options, name, max_array_size):
         executor = make_executor(options.cluster, folder, params)
-        for start in range(0, len(group), max_array_size):
-            chunk = group[start:start + max_array_size]
-            for cell in chunk:
-                write_config_snapshot(cell.cfg, cell.run_dir)
-            try:
-                with executor.batch():
-                    submitted = [executor.submit(CellJob(train_command(c.run_dir), str(c.run_dir), options.stop_timeout_s,
-                                                         c.cfg.resources.cpus_per_task, c.cfg.resources.gpus_per_node,
-                                                         options.retries))
-                                 for c in chunk]
-            except Exception as err:  # noqa: BLE001 - report, keep what was submitted
-                return jobs, [f"submission of {len(chunk)} cells failed: {err}"]
-            jobs.update({c.cfg.output.cell_id: job for c, job in zip(chunk, submitted)})
+        for cell in chunk:
+            write_config_snapshot(cell.cfg, cell.run_dir)
+        try:
+            with executor.batch():
+                submitted = [executor.submit(CellJob(train_command(c.run_dir), str(c.run_dir), options.stop_timeout_s,
+                                                     c.cfg.resources.cpus_per_task, c.cfg.resources.gpus_per_node,
+                                                     options.retries))
+                             for c in chunk]
+        except Exception as err:  # noqa: BLE001 - report, keep what was submitted
+            return jobs, [f"submission of {len(chunk)} cells failed: {err}"]
+        jobs.update({c.cfg.output.cell_id: job for c, job in zip(chunk, submitted)})
     return jobs, []
-
-
-# --------------------------------------------------------------------------- the manifest
-def read_manifest(sweep_dir: Path) -> dict:
-    """The sweep's manifest (empty skeleton when there is none)."""
-    path = Path(sweep_dir) / MANIFEST_FILENAME
-    if not path.exists():
-        return {"sweep": Path(sweep_dir).name, "cells": {}, "submissions": []}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); move it aside to start a new manifest") from None
-
-
-@contextlib.contextmanager
-def _manifest_lock(sweep_dir: Path):
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    with open(sweep_dir / f".{MANIFEST_FILENAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def record_submission(sweep_dir: Path, cells: dict, submission: dict) -> dict:
-    """Add cells (cell_id -> description) and one submission record to the manifest, under a lock
-    and atomically: earlier records are kept, concurrent runs do not lose each other's."""
-    sweep_dir = Path(sweep_dir)
-    with _manifest_lock(sweep_dir):
-        manifest = read_manifest(sweep_dir)
-        manifest["cells"].update(cells)
-        manifest["submissions"].append(submission)
-        results.atomic_write_json(sweep_dir / MANIFEST_FILENAME, manifest)
-    return manifest
-
-
-def submission_record(cluster: str, folder: Path, jobs: dict, retries: int = DEFAULT_RETRIES) -> dict:
-    return {
-        "submitted_at": results.now_iso(), "command": [sys.executable, *sys.argv], "cwd": os.getcwd(),
-        "user": getpass.getuser(), "cluster": cluster, "log_folder": str(folder), "retries": retries,
-        "jobs": {cell_id: str(job.job_id) for cell_id, job in jobs.items()},
-    }
-
-
-def latest_jobs(manifest: dict) -> dict[str, tuple[str, str]]:
-    """cell_id -> (job id, cluster) of the cell's most recent submission."""
-    found = {}
-    for submission in manifest.get("submissions", []):
-        for cell_id, job_id in submission.get("jobs", {}).items():
-            found[cell_id] = (job_id, submission.get("cluster", "slurm"))
-    return found
-
-
-# --------------------------------------------------------------------------- asking Slurm
-def _slurm(*args: str, timeout: float = 30) -> str:
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise SlurmError(f"`{args[0]}` not found: run on a Slurm login node, or use --cluster local") from None
-    except subprocess.TimeoutExpired:
-        raise SlurmError(f"`{shlex.join(args)}` did not answer within {timeout} s; is slurmctld up?") from None
-    if done.returncode != 0:
-        raise SlurmError(f"`{shlex.join(args)}` failed: {(done.stderr or done.stdout).strip()}")
-    return done.stdout
-
-
-def queued_jobs() -> dict[str, str]:
-    """job id (array tasks one by one, `123_4`) -> state of this user's jobs in the queue."""
-    out = _slurm("squeue", "--me", "--noheader", "--array", "--format=%i|%T")
-    return {job: state for job, state in (line.split("|") for line in out.split()) if state in QUEUED_STATES}
-
-
-def accounting_states(job_ids: list[str]) -> dict[str, str]:
-    """Final sacct states (FAILED, CANCELLED by 0, OUT_OF_MEMORY...) of jobs; {} without accounting."""
-    if not job_ids:
-        return {}
-    base = sorted({j.split("_")[0] for j in job_ids})
-    try:
-        out = _slurm("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(base))
-    except SlurmError:
-        return {}
-    return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
-
-
-def max_array_size() -> int:
-    """MaxArraySize from `scontrol show config` (an array's task ids must stay below it)."""
-    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", _slurm("scontrol", "show", "config"), re.M)
-    return int(match.group(1)) if match else 1001
-
-
-def partition_facts(partition: str | None) -> dict:
-    """What a partition offers per node: name, max GPUs, memory (GB), CPUs, MaxTime (minutes or
-    None) and GraceTime (s). The default partition when `partition` is None. SlurmError names the
-    partitions that exist when it does not."""
-    listed = _slurm("sinfo", "--noheader", "--format=%P")
-    names = [p.strip().rstrip("*") for p in listed.split()]
-    if partition is None:
-        defaults = [p.rstrip("*") for p in listed.split() if p.endswith("*")]
-        if not defaults:
-            raise SlurmError(f"this cluster has no default partition; pass --partition (one of: {', '.join(names)})")
-        partition = defaults[0]
-    if partition not in names:
-        raise SlurmError(f"partition {partition!r} does not exist on this cluster; use --partition with one of: {', '.join(names)}")
-    nodes = _slurm("sinfo", "--noheader", "--partition", partition, "--format=%G|%m|%c").split()
-    gpus, mem_mb, cpus = 0, 0, 0
-    for node in nodes:
-        gres, mem, cpu = node.split("|")
-        gpus = max([gpus, *(int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))])
-        mem_mb, cpus = max(mem_mb, int(re.sub(r"\D", "", mem) or 0)), max(cpus, int(re.sub(r"\D", "", cpu) or 0))
-    shown = _slurm("scontrol", "show", "partition", partition)
-    max_time = re.search(r"MaxTime=(\S+)", shown)
-    grace = re.search(r"GraceTime=(\d+)", shown)
-    return {
-        "name": partition, "gpus_per_node": gpus, "mem_gb": mem_mb / 1024, "cpus_per_node": cpus,
-        "max_time_min": None if not max_time or max_time.group(1) in ("UNLIMITED", "INFINITE") else parse_time_min(max_time.group(1)),
-        "grace_time_s": int(grace.group(1)) if grace else None,
-    }
-
-
-def resource_problems(resources: ResourcesConfig, facts: dict) -> list[str]:
-    """Why a partition cannot run a cell's request (else sbatch refuses, or the job pends forever)."""
-    p, name = facts, facts["name"]
-    problems = []
-    if resources.gpus_per_node > p["gpus_per_node"]:
-        problems.append(f"asks for {resources.gpus_per_node} GPUs per node; partition {name} has at most {p['gpus_per_node']} (--gpus-per-node / --partition)")
-    if resources.cpus_per_task > p["cpus_per_node"]:
-        problems.append(f"asks for {resources.cpus_per_task} CPUs; partition {name} nodes have {p['cpus_per_node']} (resources.cpus_per_task=...)")
-    if resources.mem_gb > p["mem_gb"]:
-        problems.append(f"asks for {resources.mem_gb} GB of memory; partition {name} nodes have {p['mem_gb']:.0f} GB (--mem-gb)")
-    if p["max_time_min"] is not None and resources.timeout_min > p["max_time_min"]:
-        problems.append(f"asks for {resources.timeout_min} min; partition {name} allows {p['max_time_min']} min (--time)")
-    return problems
-
-
-def parse_time_min(text: str) -> int:
-    """Minutes from a Slurm time: `90`, `HH:MM:SS`, `MM:SS`, `D-HH`, `D-HH:MM[:SS]`."""
-    days, _, clock = text.rpartition("-")
-    parts = [int(x) for x in clock.split(":")]
-    if days:
-        hours, minutes, seconds = (parts + [0, 0])[:3]
-    elif len(parts) == 1:
-        hours, minutes, seconds = 0, parts[0], 0
-    elif len(parts) == 2:
-        hours, minutes, seconds = 0, *parts
-    else:
-        hours, minutes, seconds = parts
-    return int(days or 0) * 24 * 60 + hours * 60 + minutes + (1 if seconds else 0)

@@ -19,70 +19,27 @@ from pathlib import Path
 
 import torch
 
+from .catalog import (
+    QWEN25_COMMON,
+    QWEN25_SHAPES,
+    STAND_IN_FILENAME,
+    TINY_SHAPE,
+    TINY_VERSION,
+    TINY_VOCAB_SIZE,
+    cache_dir,
+    model_key,
+    stand_in_shape,
+)
 from .config import ExperimentConfig, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
-#: Public config.json shapes of the Qwen2.5 Instruct checkpoints (paper-facts.md).
-QWEN25_SHAPES = {
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
-    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8),
-    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8),
-}
-QWEN25_COMMON = dict(
-    vocab_size=152064, hidden_act="silu", rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-    max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
-)
-# Head dim 64: vLLM's CPU attention rejects 16 (platform-notes.md).
-# initializer_range 0.1 (Qwen: 0.02) gives the tiny model peaked, not uniform, next-token
-# distributions, so a few LoRA updates visibly move what it samples (the learning-signal test).
-TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, initializer_range=0.1)
-#: Bumped whenever the tiny model or its tokenizer changes, so caches rebuild.
-TINY_VERSION = 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TINY_VOCAB_SIZE = 512
-#: Written into a stand-in model's folder: what it is (its name, random weights).
-STAND_IN_FILENAME = "nli_grpo_stand_in.json"
 
 
 def chat_template() -> str:
     """The Qwen2.5 Instruct chat template (Jinja), as shipped in its tokenizer_config.json."""
     return resources.files("nli_grpo.assets").joinpath("qwen2_5_chat_template.jinja").read_text()
-
-
-def model_key(name_or_path: str) -> str:
-    """Short model name for cell ids and tables: `Qwen/Qwen2.5-7B-Instruct-AWQ` -> `qwen2.5-7b`."""
-    if name_or_path == "tiny":
-        return "tiny"
-    if name_or_path.startswith("random:"):
-        return name_or_path.split(":", 1)[1] + "-random"
-    name = Path(name_or_path.rstrip("/")).name.lower()
-    for suffix in ("-awq", "-gptq-int4", "-bnb-4bit", "-instruct"):
-        name = name.removesuffix(suffix)
-    return name
-
-
-def default_quantization(name_or_path: str) -> str:
-    """What a checkpoint name implies when the user gives no quantization: `awq` for a
-    pre-quantised AWQ checkpoint (`...-AWQ`), else `bf16`."""
-    return "awq" if "awq" in Path(name_or_path.rstrip("/")).name.lower() else "bf16"
-
-
-def adapter_base_model(adapter: Path) -> str | None:
-    """The base model a PEFT adapter was trained on (`base_model_name_or_path` of its
-    adapter_config.json), as a model name: a stand-in built by `resolve_model_path` is named as
-    such (`tiny`, `random:qwen2.5-7b`) rather than by its cache folder. None when not recorded."""
-    base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    stand_in = Path(base, STAND_IN_FILENAME) if base else None
-    if stand_in is not None and stand_in.is_file():
-        name = json.loads(stand_in.read_text())["name"]
-        return name if name == "tiny" else f"random:{name}"
-    return base
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("NLI_GRPO_CACHE", Path.home() / ".cache" / "nli_grpo"))
 
 
 def _tokenizer_corpus() -> list[str]:
@@ -155,16 +112,14 @@ def _write_random_model(target: Path, name: str, seed: int = 0) -> None:
 
 def resolve_model_path(name_or_path: str) -> str:
     """A hub id or folder as given; `tiny` and `random:<shape>` are built once into the cache."""
-    if name_or_path == "tiny" or name_or_path.startswith("random:"):
-        name = name_or_path.split(":", 1)[-1]
-        if name != "tiny" and name not in QWEN25_SHAPES:
-            raise ValueError(f"unknown random model shape {name!r}; choose one of: {', '.join(QWEN25_SHAPES)}")
-        target = cache_dir() / "models" / (f"tiny-v{TINY_VERSION}" if name == "tiny" else name)
-        if not (target / "config.json").exists():
-            log.info("building stand-in model %s in %s", name, target)
-            _write_random_model(target, name)
-        return str(target)
-    return name_or_path
+    name = stand_in_shape(name_or_path)
+    if name is None:
+        return name_or_path
+    target = cache_dir() / "models" / (f"tiny-v{TINY_VERSION}" if name == "tiny" else name)
+    if not (target / "config.json").exists():
+        log.info("building stand-in model %s in %s", name, target)
+        _write_random_model(target, name)
+    return str(target)
 
 
 def training_precision(cfg: ExperimentConfig, cuda: bool) -> dict:
@@ -178,7 +133,7 @@ def training_precision(cfg: ExperimentConfig, cuda: bool) -> dict:
             "fp16": cfg.grpo.mixed_precision == "fp16"}
 
 
-def eval_dtype(cfg: ExperimentConfig, cuda: bool) -> "torch.dtype | str":
+def eval_dtype(cfg: ExperimentConfig, cuda: bool) -> torch.dtype | str:
     """Dtype of the base during evaluation: eval.dtype on a GPU (`auto` = the checkpoint's own, as
     the authors' vLLM evaluation), float32 on a CPU."""
     if not cuda:
@@ -198,7 +153,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-def load_base_model(model_cfg: ModelConfig, dtype: "torch.dtype | str", zero3: bool = False):
+def load_base_model(model_cfg: ModelConfig, dtype: torch.dtype | str, zero3: bool = False):
     """The frozen base model in the config's quantization, its non-quantised weights in `dtype`
     (a torch dtype, or `auto` for the checkpoint's own; see training_precision / eval_dtype).
 

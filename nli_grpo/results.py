@@ -1,7 +1,7 @@
 """The result file of one grid cell: schema, atomic writes, reading and validation.
 
-Layout (DESIGN.md): `results/<sweep>/<cell_id>/result.json`, beside it `train_log.jsonl` (one JSON
-object per logging step) and `predictions/<benchmark>.jsonl.gz` (per-example predictions).
+Where the files are (`results/<sweep>/<cell_id>/result.json`, `train_log.jsonl`, ...) is
+nli_grpo.layout's, which also builds result documents (`layout.result_document`).
 
 A result document::
 
@@ -37,9 +37,6 @@ import orjson
 
 SCHEMA_VERSION = 1
 TOOL = "nli_grpo"
-RESULT_FILENAME = "result.json"
-TRAIN_LOG_FILENAME = "train_log.jsonl"
-PREDICTIONS_DIRNAME = "predictions"
 STATUSES = ("complete", "failed", "running", "preempted")
 QUANTIZATIONS = ("bf16", "awq", "bnb4")
 STAGES = ("grpo", "zero_shot")
@@ -61,8 +58,8 @@ def now_iso() -> str:
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions of every library that can move a number, plus Python's (None = absent)."""
-    from importlib.metadata import PackageNotFoundError, version
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 from .config import ExperimentConfig
+from .layout import CellFolder
 from .models import eval_dtype, resolve_model_path, training_precision
 
 log = logging.getLogger(__name__)
 
 #: LoRA ranks vLLM's kernels are built for; max_lora_rank must be one of them.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-ADAPTERS_DIRNAME = "rollout_adapters"
 
 
 def vllm_max_lora_rank(rank: int) -> int:
@@ -143,7 +143,7 @@ def make_vllm_trainer_class(base):
         def configure_rollout(self, cfg: ExperimentConfig) -> None:
             self.rollout_cfg = cfg
             self.llm = build_llm(cfg, purpose="rollout", lora_rank=cfg.lora.rank)
-            self.hot_swap = AdapterHotSwap(self.llm, Path(cfg.output.dir) / ADAPTERS_DIRNAME)
+            self.hot_swap = AdapterHotSwap(self.llm, CellFolder(cfg.output.dir).rollout_adapters)
 
         def close_rollout(self) -> None:
             import gc

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from nli_grpo.data import BENCHMARKS, HANS, BenchmarkSpec
 from nli_grpo.prompts import LABEL_IDS, LABELS, UNPARSEABLE, extract_label, format_ok
-from nli_grpo.results import PREDICTIONS_DIRNAME, atomic_open, atomic_write_json
+from nli_grpo.results import atomic_open, atomic_write_json
 
 #: Per-example fields that `score_file` uses as score groups when a file carries them.
 GROUP_FIELDS = ("heuristic", "subcase", "categories")
@@ -185,11 +185,6 @@ def _ratio(numerator: int, denominator: int) -> float | None:
 
 
 # --- per-example predictions ---------------------------------------------------------------------
-
-def predictions_path(output_dir: str | os.PathLike, benchmark: str) -> Path:
-    """Where the predictions of `benchmark` live under a run's output folder."""
-    return Path(output_dir) / PREDICTIONS_DIRNAME / f"{benchmark}.jsonl.gz"
-
 
 def prediction_records(
     benchmark: str,

@@ -21,11 +21,13 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
-from . import launch, results
+from . import manifest as manifests
+from . import results, slurm
+from .layout import RESULT_FILENAME, CellFolder
 
 STATES = ("pending", "running", "preempted", "complete", "failed", "missing")
 #: sacct states of a job that ended without its cell finishing.
@@ -38,38 +40,34 @@ class CellStatus:
     state: str
     queued: bool = False
     """In the Slurm queue now (pending, running or requeued): never submit it again."""
-    job_id: Optional[str] = None
-    attempts: Optional[int] = None
-    steps_done: Optional[int] = None
-    max_steps: Optional[int] = None
-    updated_at: Optional[str] = None
+    job_id: str | None = None
+    attempts: int | None = None
+    steps_done: int | None = None
+    max_steps: int | None = None
+    updated_at: str | None = None
     detail: str = ""
 
 
-def _steps(doc: dict | None, run_dir: Path) -> tuple[int | None, int | None]:
+def _steps(doc: dict | None, folder: CellFolder) -> tuple[int | None, int | None]:
     """Steps done (the training summary, or the last complete checkpoint while it runs) and max."""
-    from .train import CHECKPOINTS_DIRNAME, last_complete_checkpoint
-
     config = (doc or {}).get("config") or {}
     if config.get("stage") == "zero_shot":
         return None, None
     max_steps = config.get("grpo", {}).get("max_steps")
-    done = ((doc or {}).get("train") or {}).get("steps_done") or 0
-    checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS_DIRNAME)
-    if checkpoint is not None:
-        done = max(done, int(checkpoint.name.rsplit("-", 1)[1]))
-    return (done if doc or checkpoint else None), max_steps
+    done = max(((doc or {}).get("train") or {}).get("steps_done") or 0, folder.last_step_on_disk())
+    return (done if doc or done else None), max_steps
 
 
 def cell_status(cell_id: str, run_dir: Path, job: tuple[str, str] | None, queue: dict | None,
                 ended: dict | None = None) -> CellStatus:
     """The state of one cell from its result file, its latest job (id, cluster) and the queue
     (None when Slurm cannot be asked: the result file alone decides)."""
-    doc = results.load_existing(run_dir / results.RESULT_FILENAME)
+    folder = CellFolder(run_dir)
+    doc = results.load_existing(folder.result)
     job_id, cluster = job or (None, None)
     in_queue = (queue or {}).get(job_id) if cluster == "slurm" else None
     status = (doc or {}).get("status")
-    steps, max_steps = _steps(doc, run_dir)
+    steps, max_steps = _steps(doc, folder)
     line = CellStatus(cell_id, "missing", bool(in_queue), job_id, ((doc or {}).get("slurm") or {}).get("attempts"),
                       steps, max_steps, (doc or {}).get("updated_at"))
     if in_queue:
@@ -94,19 +92,19 @@ def sweep_status(sweep_dir: str | Path, cell_ids: list[str] | None = None,
                  accounting: Callable[[list], dict] | None = None) -> list[CellStatus]:
     """Status of every cell of a sweep folder: the manifest's cells, any cell folder with a result,
     and `cell_ids` (cells about to be planned). `queue` / `accounting` ask Slurm (e.g.
-    launch.queued_jobs / launch.accounting_states); None, or a failing call, means result files alone."""
+    slurm.queued_jobs / slurm.accounting_states); None, or a failing call, means result files alone."""
     sweep_dir = Path(sweep_dir)
-    manifest = launch.read_manifest(sweep_dir)
-    jobs = launch.latest_jobs(manifest)
+    manifest = manifests.read_manifest(sweep_dir)
+    jobs = manifests.latest_jobs(manifest)
     ids = dict.fromkeys([*manifest["cells"], *(cell_ids or [])])
     if sweep_dir.is_dir():
-        ids.update(dict.fromkeys(sorted(p.parent.name for p in sweep_dir.glob(f"*/{results.RESULT_FILENAME}"))))
+        ids.update(dict.fromkeys(sorted(p.parent.name for p in sweep_dir.glob(f"*/{RESULT_FILENAME}"))))
     slurm_jobs = [job for job, cluster in jobs.values() if cluster == "slurm"]
     queued = ended = None
     if slurm_jobs and queue is not None:
         try:
             queued = queue()
-        except launch.SlurmError as err:
+        except slurm.SlurmError as err:
             print(f"warning: cannot read the Slurm queue ({err}); states come from result files only", file=sys.stderr)
     if slurm_jobs and accounting is not None:
         ended = accounting(slurm_jobs)
@@ -151,7 +149,7 @@ def main(argv=None) -> int:
     if not sweep_dir.is_dir():
         print(f"error: {sweep_dir} is not a folder; give a sweep's results folder, e.g. results/lora_rank", file=sys.stderr)
         return 2
-    lines = sweep_status(sweep_dir, queue=launch.queued_jobs, accounting=launch.accounting_states)
+    lines = sweep_status(sweep_dir, queue=slurm.queued_jobs, accounting=slurm.accounting_states)
     if args.json:
         for line in lines:
             print(json.dumps(asdict(line)))

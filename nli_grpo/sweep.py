@@ -22,9 +22,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import launch, status
+from . import launch, manifest, slurm, status
+from .catalog import model_key
 from .config import ConfigError, ExperimentConfig
 from .grid import Grid, capability_problems, cell_from_config, estimate_gpu_memory, memory_problems, restrict_axis
+from .job import config_for_run, conflicting_inputs
+from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, CellFolder
 
 SMOKE_RECIPE = "smoke"
 #: Keys a smoke run takes from the smoke recipe, whatever the sweep's axes say: the tiny model in
@@ -104,7 +107,7 @@ def parse_args(sweep: Sweep, argv=None) -> argparse.Namespace:
     res.add_argument("--cpus-per-task", type=int)
     res.add_argument("--mem-gb", type=int)
     res.add_argument("--gpu-memory-gb", type=int, help="memory of one GPU of the nodes, for the fit check (default 80)")
-    res.add_argument("--time", type=launch.parse_time_min, help="time limit: minutes or [D-]HH:MM[:SS]")
+    res.add_argument("--time", type=slurm.parse_time_min, help="time limit: minutes or [D-]HH:MM[:SS]")
     grid = parser.add_argument_group("grid")
     grid.add_argument("--seeds", type=_int_list, help=f"comma-separated seeds (default {','.join(map(str, sweep.seeds))})")
     for flag, (key, kind, text) in AXIS_FLAGS.items():
@@ -156,8 +159,6 @@ def _equal(value, wanted) -> bool:
 
 
 def _model_matches(value: str, wanted: str) -> bool:
-    from .models import model_key
-
     return wanted in (value, model_key(value)) or model_key(value) == f"qwen2.5-{wanted.lower()}"
 
 
@@ -180,8 +181,6 @@ def _smoke_block(block: Grid) -> Grid:
 def plan(sweep: Sweep, args: argparse.Namespace) -> list[PlannedCell]:
     """Every cell of the sweep with its resolved config, or the reason it cannot run; cells that
     resolve to the same id are one cell."""
-    from .train import config_for_run
-
     sweep_name = sweep.name + ("-smoke" if args.smoke else "")
     sweep_dir = Path(args.results).absolute() / sweep_name
     cli = [*args.overrides, *(f"resources.{field_}={getattr(args, flag)}" for flag, field_ in RESOURCE_FLAGS.items()
@@ -223,7 +222,7 @@ def results_dir_problem(sweep_dir: Path) -> str | None:
     return None
 
 
-def decide(cells: list[PlannedCell], sweep_dir: Path, force: bool, queue=launch.queued_jobs) -> None:
+def decide(cells: list[PlannedCell], sweep_dir: Path, force: bool, queue=slurm.queued_jobs) -> None:
     """Set each valid cell's action from its status: queued cells are never submitted again,
     complete ones only with --force, everything else (failed, preempted, missing) is submitted.
     Without a queue to ask (local runs), a cell whose result says running is left alone too.
@@ -249,8 +248,6 @@ def decide(cells: list[PlannedCell], sweep_dir: Path, force: bool, queue=launch.
 def changed_settings(cell: PlannedCell) -> list[str]:
     """Config sections that differ between the work already in the cell's folder and now (the
     train command applies the same rule); resources (time, memory) may change freely."""
-    from .train import conflicting_inputs
-
     return conflicting_inputs(cell.run_dir, cell.cfg.to_dict())
 
 
@@ -290,17 +287,17 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     array_limit = 1001
     try:
         if args.cluster == "slurm":
-            facts = launch.partition_facts(args.partition)
+            facts = slurm.partition_facts(args.partition)
             options.partition, options.grace_time_s = facts["name"], facts["grace_time_s"]
-            array_limit = launch.max_array_size()
+            array_limit = slurm.max_array_size()
             for c in cells:
                 if c.cfg is not None:
-                    c.problems += launch.resource_problems(c.cfg.resources, facts)
+                    c.problems += slurm.resource_problems(c.cfg.resources, facts)
         else:
             refusals += _local_gpu_problems(cells)
         if not refusals and not any(c.problems for c in cells):
-            decide(cells, sweep_dir, args.force, queue=launch.queued_jobs if args.cluster == "slurm" else None)
-    except launch.SlurmError as err:
+            decide(cells, sweep_dir, args.force, queue=slurm.queued_jobs if args.cluster == "slurm" else None)
+    except slurm.SlurmError as err:
         refusals.append(str(err))
     print_plan(name, cells, console)
     invalid = [c for c in cells if c.problems]
@@ -324,16 +321,16 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         return 0
     if args.force:
         for c in todo:
-            _move_aside(c, sweep_dir)
-    folder = sweep_dir / launch.LOGS_DIRNAME
+            _move_aside(c)
+    folder = sweep_dir / LOGS_DIRNAME
     jobs, errors = launch.submit_cells(todo, options, folder, f"nli_grpo_{name}", array_limit)
     described = {c.cell_id: {"cell": cell_from_config(c.cfg), "run_dir": str(c.run_dir), "command": launch.train_command(c.run_dir)}
                  for c in cells if c.cfg is not None}
     if jobs or not errors:
-        launch.record_submission(sweep_dir, described, launch.submission_record(args.cluster, folder, jobs, args.retries))
+        manifest.record_submission(sweep_dir, described, manifest.submission_record(args.cluster, folder, jobs, args.retries))
     arrays = sorted({str(j.job_id).split("_")[0] for j in jobs.values()})
     console.print(f"submitted {len(jobs)} of {len(todo)} cells ({args.cluster}: {', '.join(arrays)}); "
-                  f"manifest {sweep_dir / launch.MANIFEST_FILENAME}; logs {folder}")
+                  f"manifest {sweep_dir / MANIFEST_FILENAME}; logs {folder}")
     for error in errors:
         console.print(f"[red]error:[/] {error}. Run the same command again to submit the rest.")
     if args.cluster != "slurm":
@@ -345,35 +342,35 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
 
 
 def _local_gpu_problems(cells: list[PlannedCell]) -> list[str]:
+    wanted = max((c.cfg.resources.gpus_per_node for c in cells if c.cfg), default=0)
+    if not wanted:
+        return []  # CPU-only cells (the smoke sweep): no need to ask torch
     import torch
 
     here = torch.cuda.device_count()
-    wanted = max((c.cfg.resources.gpus_per_node for c in cells if c.cfg), default=0)
     if wanted > here:
         return [f"cells ask for {wanted} GPU(s) but this machine has {here}: use --cluster slurm, or --smoke to run on the CPU"]
     return []
 
 
-def _move_aside(cell: PlannedCell, sweep_dir: Path) -> None:
+def _move_aside(cell: PlannedCell) -> None:
     """--force on a cell with an earlier run (complete, or under other settings): keep that run
     (hidden from aggregate) so that the new one starts fresh."""
     from . import results
-    from .train import move_aside
 
-    complete = (results.load_existing(cell.run_dir / results.RESULT_FILENAME) or {}).get("status") == "complete"
+    folder = CellFolder(cell.run_dir)
+    complete = (results.load_existing(folder.result) or {}).get("status") == "complete"
     if complete or changed_settings(cell):
-        move_aside(cell.run_dir)
+        folder.move_aside()
 
 
 def _print_sbatch(todo: list[PlannedCell], options, sweep_dir: Path, name: str, array_limit: int, console) -> None:
-    groups: dict[str, list] = {}
-    for c in todo:
-        params = launch.executor_parameters(c.cfg.resources, options, f"nli_grpo_{name}")
-        groups.setdefault(repr(sorted(params.items())), [params, 0])[1] += 1
-    for params, count in groups.values():
-        size = min(count, array_limit)
-        console.rule(f"sbatch script for {count} cell(s)" + (f" (arrays of at most {array_limit})" if count > array_limit else ""))
-        console.print(launch.sbatch_script(sweep_dir / launch.LOGS_DIRNAME, params, size), markup=False, highlight=False, soft_wrap=True)
+    """The sbatch script of every job array the submission would make (launch.array_groups)."""
+    groups = launch.array_groups(todo, options, f"nli_grpo_{name}", array_limit)
+    for i, (params, chunk) in enumerate(groups, 1):
+        console.rule(f"job array {i} of {len(groups)}: {len(chunk)} cell(s)")
+        console.print(launch.sbatch_script(sweep_dir / LOGS_DIRNAME, params, len(chunk)), markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _wait_here(jobs: dict, console) -> None:

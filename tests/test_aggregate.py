@@ -1,19 +1,28 @@
-"""Aggregation: a synthetic results tree with known numbers -> exact tables, files and plots."""
+"""Aggregation (the `nli_grpo.aggregate` package): a synthetic results tree with known numbers -> exact
+tables, files and plots. One module for the package, since its tests share the results builder below;
+sections: reading (`collect`), seeds and tables (`tables`), the command line and its files (`__main__`,
+`render`, `plots`)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
 import pandas as pd
 import pytest
 
-from nli_grpo import aggregate
-from nli_grpo.results import (
-    RESULT_FILENAME, SCHEMA_VERSION, TOOL, TRAIN_LOG_FILENAME, append_jsonl, atomic_write_json,
-)
+from nli_grpo.aggregate import __main__ as cli
+from nli_grpo.aggregate.collect import apply_filters, collect, parse_filters
+from nli_grpo.aggregate.render import format_stat, table_markdown
+from nli_grpo.aggregate.tables import DEFAULT_REFERENCE, NO_PARSE, Row, Stat, SweepResults, Table, build_sweep_results, load_references, main_table, tables_for
+from nli_grpo.config import ExperimentConfig
+from nli_grpo.grid import cell_from_config, cell_id
+from nli_grpo.layout import RESULT_FILENAME, TRAIN_LOG_FILENAME, result_document
+from nli_grpo.results import append_jsonl, atomic_write_json
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic results builder (reusable: any test that needs result files on disk)
@@ -23,21 +32,19 @@ from nli_grpo.results import (
 def make_result(sweep: str, *, model: str = "qwen2.5-7b", quantization: str = "bf16", lora_rank: int | None = 64,
                 seed: int = 0, status: str = "complete", scores: dict[str, float] | None = None,
                 strict_penalty: float = 0.05, updated_at: str = "2025-01-01T00:00:00+00:00", **extra_axes) -> dict:
-    """A schema-valid result document; `scores` maps benchmark -> accuracy (fraction), and
-    accuracy_strict is `accuracy - strict_penalty`. lora_rank=None makes a zero-shot baseline."""
-    stage = "zero_shot" if lora_rank is None else "grpo"
-    cell = {"model": model, "quantization": quantization, "lora_rank": lora_rank, "seed": seed, "stage": stage,
-            **extra_axes}
-    cell_id = "__".join([model, quantization, "zs" if lora_rank is None else f"r{lora_rank}", f"s{seed}",
-                         *(f"{k}{v}" for k, v in extra_axes.items())])
+    """A result document as a job writes it (nli_grpo.layout.result_document); `scores` maps
+    benchmark -> accuracy (fraction), and accuracy_strict is `accuracy - strict_penalty`.
+    lora_rank=None makes a zero-shot baseline; keyword axes become extra cell axes."""
+    cfg = ExperimentConfig(stage="zero_shot" if lora_rank is None else "grpo", seed=seed)
+    cfg.model.name_or_path, cfg.model.quantization = f"Qwen/{model}-Instruct", quantization
+    cfg.lora.rank = lora_rank or 64
+    cfg.output.sweep, cfg.output.extra_axes = sweep, dict(extra_axes)
+    cfg.output.cell_id = cell_id(cell_from_config(cfg))
     evals = {b: {"accuracy": a, "accuracy_strict": round(a - strict_penalty, 6), "unparseable_rate": strict_penalty,
                  "n": 1000} for b, a in (scores or {}).items()}
-    return {
-        "schema_version": SCHEMA_VERSION, "tool": TOOL, "sweep": sweep, "cell_id": cell_id, "status": status,
-        "cell": cell, "config": {"seed": seed}, "versions": {"python": "3.11"}, "slurm": {"job_id": "1"},
-        "train": None, "eval": evals, "error": "CUDA out of memory" if status == "failed" else None,
-        "created_at": updated_at, "updated_at": updated_at,
-    }
+    return result_document(cfg, status=status, versions={"python": "3.11"}, slurm={"job_id": "1"}, eval=evals,
+                           error="CUDA out of memory" if status == "failed" else None,
+                           created_at=updated_at, updated_at=updated_at)
 
 
 def write_result(root: Path, doc: dict, train_log: list[dict] | None = None) -> Path:
@@ -97,32 +104,32 @@ def results_root(tmp_path: Path) -> Path:
     return root
 
 
-def sweep_and_tables(root: Path, *argv_filters: str, metric: str = "accuracy") -> tuple[aggregate.Sweep, dict]:
-    collection = aggregate.collect([root])
-    runs = aggregate.apply_filters(collection.runs, aggregate.parse_filters(argv_filters))
-    (sweep,) = aggregate.build_sweeps(runs, metric)
-    tables = aggregate.tables_for(sweep, aggregate.load_references(aggregate.DEFAULT_REFERENCE))
+def sweep_and_tables(root: Path, *argv_filters: str, metric: str = "accuracy") -> tuple[SweepResults, dict]:
+    collection = collect([root])
+    runs = apply_filters(collection.runs, parse_filters(argv_filters))
+    (sweep,) = build_sweep_results(runs, metric)
+    tables = tables_for(sweep, load_references(DEFAULT_REFERENCE))
     return sweep, {t.name: t for t in tables}
 
 
-def rows_by_labels(table: aggregate.Table) -> dict[tuple, aggregate.Row]:
+def rows_by_labels(table: Table) -> dict[tuple, Row]:
     return {tuple(row.labels.get(c, "") for c in table.label_columns): row for row in table.rows}
 
 
-def markdown_rows(table: aggregate.Table) -> list[list[str]]:
+def markdown_rows(table: Table) -> list[list[str]]:
     """Data rows of the table's Markdown, split into stripped cells."""
-    lines = aggregate.table_markdown(table).splitlines()
+    lines = table_markdown(table).splitlines()
     body = [line for line in lines if line.startswith("|")][2:]
     return [[c.strip() for c in line.strip("|").split("|")] for line in body]
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading and validation
+# Reading (`collect`)
 # ---------------------------------------------------------------------------------------------
 
 
 def test_bad_files_are_reported_with_reasons_and_skipped(results_root):
-    collection = aggregate.collect([results_root])
+    collection = collect([results_root])
     reasons = {Path(s.path).parent.name: s.reason for s in collection.skipped}
     assert set(reasons) == {"truncated", "cell", "qwen2.5-7b__bf16__r128__s0"}
     assert "not valid JSON" in reasons["truncated"]
@@ -132,34 +139,31 @@ def test_bad_files_are_reported_with_reasons_and_skipped(results_root):
 
 
 def test_overlapping_roots_and_copied_cells_are_not_counted_twice(results_root, tmp_path):
-    nested = aggregate.collect([results_root, results_root / "lora_rank"])
+    nested = collect([results_root, results_root / "lora_rank"])
     assert len(nested.runs) == 15
     copy = tmp_path / "backup" / "old_copy"
     shutil.copytree(results_root / "lora_rank" / "qwen2.5-7b__bf16__r8__s0", copy)
     older = json.loads((copy / RESULT_FILENAME).read_text())
     older["updated_at"] = "2024-01-01T00:00:00+00:00"
     (copy / RESULT_FILENAME).write_text(json.dumps(older))
-    collection = aggregate.collect([results_root, tmp_path / "backup"])
+    collection = collect([results_root, tmp_path / "backup"])
     assert len(collection.runs) == 15
     (dup,) = [s for s in collection.skipped if "same cell" in s.reason]
     assert dup.path == str(copy / RESULT_FILENAME)
 
 
-def test_strict_exits_non_zero_and_lenient_run_reports_bad_files(results_root, capsys):
-    assert aggregate.main([str(results_root), "--strict", "--no-plots"]) == 1
-    err = capsys.readouterr().err
-    assert "--strict: 3 unusable" in err
-    assert not (results_root / "tables").exists()
-
-    assert aggregate.main([str(results_root), "--no-plots"]) == 0
-    captured = capsys.readouterr()
-    assert f"skipped {results_root / 'lora_rank' / 'truncated' / RESULT_FILENAME}: not valid JSON" in captured.err
-    assert "unknown schema_version 99" in captured.err
-    assert "15 result files read, 3 skipped" in captured.out
+def test_binary_result_file_is_skipped(tmp_path):
+    root = tmp_path / "results"
+    write_result(root, make_result("s", scores={"anli_r1": 0.5}))
+    (root / "s" / "garbage").mkdir()
+    (root / "s" / "garbage" / RESULT_FILENAME).write_bytes(b"\xff\xfe\x00\x81")
+    collection = collect([root])
+    assert [s.reason.split(" (")[0] for s in collection.skipped] == ["not valid JSON"]
+    assert len(collection.runs) == 1
 
 
 # ---------------------------------------------------------------------------------------------
-# Tables
+# Seeds and tables (`tables`; rows checked as `render` prints them)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -171,17 +175,17 @@ def test_columns_are_standard_then_adversarial_then_averages(results_root):
 
 def test_seeds_merge_into_mean_sample_std_and_n(results_root):
     sweep, _ = sweep_and_tables(results_root)
-    bf16_r64 = sweep.find(model="qwen2.5-7b", quantization="bf16", stage="grpo", lora_rank=64)
+    bf16_r64 = sweep.find(model="qwen2.5-7b", quantization="bf16", stage="grpo", lora_rank=64, rollout="hf")
     assert bf16_r64.stats["anli_r1"].mean == pytest.approx(0.70)
     assert bf16_r64.stats["anli_r1"].std == pytest.approx(0.01)
     assert bf16_r64.stats["anli_r1"].n == 3
     assert bf16_r64.stats["avg"].mean == pytest.approx((0.90 + 0.70 + 0.60) / 3)
-    awq_r64 = sweep.find(model="qwen2.5-7b", quantization="awq", stage="grpo", lora_rank=64)
+    awq_r64 = sweep.find(model="qwen2.5-7b", quantization="awq", stage="grpo", lora_rank=64, rollout="hf")
     assert awq_r64.stats["anli_r3"].mean == pytest.approx(0.565)       # seeds 0, 1 (seed 2 failed)
     assert awq_r64.stats["anli_r3"].std == pytest.approx(0.005 * 2 ** 0.5)
     assert awq_r64.stats["anli_r3"].n == 2
     zero_shot = sweep.find(model="qwen2.5-7b", quantization="awq", stage="zero_shot", lora_rank=None)
-    assert zero_shot.stats["snli"] == aggregate.Stat(mean=0.67, std=None, n=1)
+    assert zero_shot.stats["snli"] == Stat(mean=0.67, std=None, n=1)
 
 
 def test_main_table_rows_deltas_states_and_best(results_root):
@@ -223,17 +227,17 @@ def test_reference_rows_follow_the_models_in_the_sweep(tmp_path):
     assert "53.58" in references["paper: GRPO"].source and "[inferred]" in references["paper: GRPO"].source
     # Reference rows never take the "best" mark from the sweep's own results.
     assert not references["Kavumba et al. 2023 (T5-3B)"].cells["anli_r3"].best
-    assert "Reference rows:" in aggregate.table_markdown(tables["main"])
+    assert "Reference rows:" in table_markdown(tables["main"])
 
 
 def test_rank_ablation_nests_rank_inside_quantization(results_root):
     _, tables = sweep_and_tables(results_root)
     table = tables["ablation_lora_rank"]
     assert table.label_columns == ["quantization", "lora_rank"]
-    assert table.fixed == {"model": "qwen2.5-7b", "stage": "GRPO"}
+    assert table.fixed == {"model": "qwen2.5-7b", "stage": "GRPO", "rollout": "hf"}
     rows = rows_by_labels(table)
     assert list(rows) == [("bf16", "8"), ("bf16", "16"), ("bf16", "64"), ("awq", "8"), ("awq", "16"), ("awq", "64")]
-    assert aggregate.format_stat(rows[("awq", "64")].cells["avg"]) == "69.83 ± 0.71"
+    assert format_stat(rows[("awq", "64")].cells["avg"]) == "69.83 ± 0.71"
     assert rows[("bf16", "16")].cells["snli"].state == "running"
     assert rows[("awq", "16")].cells["snli"].state == "missing"
     assert [k for k, r in rows.items() if r.cells["anli_r1"].best] == [("bf16", "64")]
@@ -274,6 +278,70 @@ def test_extra_axes_get_their_own_ablation(tmp_path):
     assert markdown_rows(tables["ablation_beta"]) == [["0.0", "60.00", "1/1"], ["0.01", "**65.00**", "1/1"]]
 
 
+def test_zero_shot_without_a_grpo_only_axis_is_the_baseline_for_every_value(tmp_path):
+    root = tmp_path / "results"
+    write_result(root, make_result("kl", lora_rank=None, scores={"anli_r1": 0.5}))      # no `beta` axis
+    for beta, acc in ((0.0, 0.6), (0.01, 0.65)):
+        write_result(root, make_result("kl", beta=beta, scores={"anli_r1": acc}))
+    _, tables = sweep_and_tables(root)
+    assert markdown_rows(tables["main"])[:6] == [
+        ["0.0", "zero-shot", "", "50.00", "1/1"],
+        ["0.0", "GRPO", "64", "60.00", "1/1"],
+        ["0.0", "Δ GRPO − zero-shot", "64", "+10.00", "1/1 vs 1/1"],
+        ["0.01", "zero-shot", "", "50.00", "1/1"],
+        ["0.01", "GRPO", "64", "**65.00**", "1/1"],
+        ["0.01", "Δ GRPO − zero-shot", "64", "+15.00", "1/1 vs 1/1"],
+    ]
+    assert markdown_rows(tables["ablation_beta"]) == [["0.0", "60.00", "1/1"], ["0.01", "**65.00**", "1/1"]]
+
+
+def test_a_set_evaluated_with_nothing_parsed_reads_no_parse_not_missing(tmp_path):
+    doc = make_result("smoke", scores={"snli": 0.5, "anli_r1": 0.5})
+    doc["eval"]["anli_r1"]["accuracy"] = None   # every completion unparseable: nothing to average
+    write_result(tmp_path, doc)
+    [sweep] = build_sweep_results(collect([tmp_path]).runs)
+    stats = sweep.variants[0].stats
+    assert stats["anli_r1"].state == NO_PARSE and stats["snli"].state == "ok"
+    assert "no parse" in table_markdown(main_table(sweep))
+
+
+def test_default_reference_is_the_committed_paper_csv():
+    assert DEFAULT_REFERENCE == Path(__file__).resolve().parents[1] / "results" / "reference" / "paper.csv"
+    assert DEFAULT_REFERENCE.is_file()
+
+
+def test_benchmark_synthetic_results_are_valid_and_aggregate(tmp_path):
+    from nli_grpo import bench
+
+    assert "aggregate" in bench.BENCHMARKS
+    root = tmp_path / "results"
+    assert bench.write_synthetic_results(root, 150, cells_per_sweep=100) == 2
+    collection = collect([root])
+    assert (len(collection.runs), collection.skipped) == (150, [])
+    sweeps = build_sweep_results(collection.runs)
+    assert [s.name for s in sweeps] == ["synthetic_00", "synthetic_01"]
+    names = {t.name for t in tables_for(sweeps[0])}
+    assert names == {"main", "ablation_lora_rank", "ablation_model", "quantization_delta"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and files (`__main__`, `render`: Markdown, CSV, LaTeX; `plots`: PNG)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_strict_exits_non_zero_and_lenient_run_reports_bad_files(results_root, capsys):
+    assert cli.main([str(results_root), "--strict", "--no-plots"]) == 1
+    err = capsys.readouterr().err
+    assert "--strict: 3 unusable" in err
+    assert not (results_root / "tables").exists()
+
+    assert cli.main([str(results_root), "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert f"skipped {results_root / 'lora_rank' / 'truncated' / RESULT_FILENAME}: not valid JSON" in captured.err
+    assert "unknown schema_version 99" in captured.err
+    assert "15 result files read, 3 skipped" in captured.out
+
+
 def test_filters_metric_and_benchmarks(results_root, capsys):
     sweep, tables = sweep_and_tables(results_root, "quantization=awq", "lora_rank=64,none")
     assert [(r.labels["system"], r.labels.get("lora_rank")) for r in tables["main"].rows] == [
@@ -284,31 +352,26 @@ def test_filters_metric_and_benchmarks(results_root, capsys):
     zero_shot = sweep.find(model="qwen2.5-7b", quantization="bf16", stage="zero_shot", lora_rank=None)
     assert zero_shot.stats["anli_r1"].mean == pytest.approx(0.45)
 
-    assert aggregate.main([str(results_root), "--no-plots", "--benchmarks", "anli_r3", "--format", "csv"]) == 0
+    assert cli.main([str(results_root), "--no-plots", "--benchmarks", "anli_r3", "--format", "csv"]) == 0
     frame = pd.read_csv(results_root / "tables" / "lora_rank" / "main.csv", keep_default_na=False)
     assert set(frame["column"]) == {"anli_r3"}
     assert not (results_root / "tables" / "lora_rank" / "main.md").exists()
 
     with pytest.raises(SystemExit) as exc:
-        aggregate.main([str(results_root), "--filter", "quantisation=awq"])
+        cli.main([str(results_root), "--filter", "quantisation=awq"])
     assert exc.value.code == 2
     assert "no result has an axis 'quantisation'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        aggregate.main([str(results_root), "--benchmarks", "anli_r4"])
-    assert aggregate.main([str(results_root), "--filter", "model=qwen2.5-72b"]) == 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Files: Markdown, CSV, LaTeX, PNG
-# ---------------------------------------------------------------------------------------------
+        cli.main([str(results_root), "--benchmarks", "anli_r4"])
+    assert cli.main([str(results_root), "--filter", "model=qwen2.5-72b"]) == 1
 
 
 def test_cli_writes_markdown_csv_latex_and_plots(results_root, tmp_path, capsys):
     out = tmp_path / "paper"
-    assert aggregate.main([str(results_root), "--out", str(out)]) == 0
+    assert cli.main([str(results_root), "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert stdout.startswith("# nli_grpo results: `accuracy`")
-    assert "## Sweep `lora_rank`" in stdout and "### LoRA rank ablation (model = qwen2.5-7b, stage = GRPO)" in stdout
+    assert "## Sweep `lora_rank`" in stdout and "### LoRA rank ablation (model = qwen2.5-7b, stage = GRPO, rollout = hf)" in stdout
     assert (out / "tables" / "report.md").read_text() == stdout
 
     tables = out / "tables" / "lora_rank"
@@ -345,57 +408,15 @@ def test_cli_writes_markdown_csv_latex_and_plots(results_root, tmp_path, capsys)
 def test_plots_that_do_not_apply_are_not_written(tmp_path):
     root = tmp_path / "results"
     write_result(root, make_result("single", scores={"anli_r1": 0.6}))   # no train log, one rank, no zero-shot
-    assert aggregate.main([str(root)]) == 0
+    assert cli.main([str(root)]) == 0
     assert not (root / "plots" / "single").exists() or not any((root / "plots" / "single").iterdir())
     assert (root / "tables" / "single" / "main.md").exists()
 
 
-def test_benchmark_synthetic_results_are_valid_and_aggregate(tmp_path):
-    from nli_grpo import bench
-
-    assert "aggregate" in bench.BENCHMARKS
-    root = tmp_path / "results"
-    assert bench.write_synthetic_results(root, 150, cells_per_sweep=100) == 2
-    collection = aggregate.collect([root])
-    assert (len(collection.runs), collection.skipped) == (150, [])
-    sweeps = aggregate.build_sweeps(collection.runs)
-    assert [s.name for s in sweeps] == ["synthetic_00", "synthetic_01"]
-    names = {t.name for t in aggregate.tables_for(sweeps[0])}
-    assert names == {"main", "ablation_lora_rank", "ablation_model", "quantization_delta"}
-
-
-def test_zero_shot_without_a_grpo_only_axis_is_the_baseline_for_every_value(tmp_path):
-    root = tmp_path / "results"
-    write_result(root, make_result("kl", lora_rank=None, scores={"anli_r1": 0.5}))      # no `beta` axis
-    for beta, acc in ((0.0, 0.6), (0.01, 0.65)):
-        write_result(root, make_result("kl", beta=beta, scores={"anli_r1": acc}))
-    _, tables = sweep_and_tables(root)
-    assert markdown_rows(tables["main"])[:6] == [
-        ["0.0", "zero-shot", "", "50.00", "1/1"],
-        ["0.0", "GRPO", "64", "60.00", "1/1"],
-        ["0.0", "Δ GRPO − zero-shot", "64", "+10.00", "1/1 vs 1/1"],
-        ["0.01", "zero-shot", "", "50.00", "1/1"],
-        ["0.01", "GRPO", "64", "**65.00**", "1/1"],
-        ["0.01", "Δ GRPO − zero-shot", "64", "+15.00", "1/1 vs 1/1"],
-    ]
-    assert markdown_rows(tables["ablation_beta"]) == [["0.0", "60.00", "1/1"], ["0.01", "**65.00**", "1/1"]]
-
-
-def test_binary_result_file_is_skipped(tmp_path):
-    root = tmp_path / "results"
-    write_result(root, make_result("s", scores={"anli_r1": 0.5}))
-    (root / "s" / "garbage").mkdir()
-    (root / "s" / "garbage" / RESULT_FILENAME).write_bytes(b"\xff\xfe\x00\x81")
-    collection = aggregate.collect([root])
-    assert [s.reason.split(" (")[0] for s in collection.skipped] == ["not valid JSON"]
-    assert len(collection.runs) == 1
-
-
-def test_a_set_evaluated_with_nothing_parsed_reads_no_parse_not_missing(tmp_path):
-    doc = make_result("smoke", scores={"snli": 0.5, "anli_r1": 0.5})
-    doc["eval"]["anli_r1"]["accuracy"] = None   # every completion unparseable: nothing to average
-    write_result(tmp_path, doc)
-    [sweep] = aggregate.build_sweeps(aggregate.collect([tmp_path]).runs)
-    stats = sweep.variants[0].stats
-    assert stats["anli_r1"].state == aggregate.NO_PARSE and stats["snli"].state == "ok"
-    assert "no parse" in aggregate.table_markdown(aggregate.main_table(sweep))
+def test_tables_without_plots_never_import_matplotlib(results_root):
+    # A fresh interpreter: this one has matplotlib loaded (matplotlib.image, imported above).
+    script = ("import sys; from nli_grpo.aggregate import __main__ as cli; "
+              f"rc = cli.main([{str(results_root)!r}, '--no-plots']); "
+              "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert proc.stdout.splitlines()[-1] == "0 []"

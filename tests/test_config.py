@@ -6,10 +6,14 @@ import dataclasses
 import pytest
 
 from nli_grpo.config import (
-    LORA_TARGETS, ConfigError, ExperimentConfig, config_from_dict, load_config, recipe_names,
+    LORA_TARGETS,
+    ConfigError,
+    ExperimentConfig,
+    config_from_dict,
+    load_config,
+    recipe_names,
 )
 from nli_grpo.data import BENCHMARK_NAMES
-from nli_grpo.grid import cell_from_config, cell_id
 
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -159,71 +163,3 @@ def test_to_dict_holds_every_field():
     data = load_config("paper").to_dict()
     assert set(data) == {f.name for f in dataclasses.fields(ExperimentConfig)}
     assert data["lora"]["target_modules"] == list(LORA_TARGETS)
-
-
-# --------------------------------------------------------------------------- cells
-def _cell(recipe="paper", *overrides):
-    return cell_from_config(load_config(recipe, list(overrides)))
-
-
-def test_cell_of_paper_recipe():
-    cell = _cell()
-    assert cell == {"model": "qwen2.5-7b", "quantization": "awq", "lora_rank": 64, "seed": 0,
-                    "stage": "grpo", "rollout": "vllm"}
-    assert cell_id(cell) == "qwen2.5-7b__awq__r64__s0__vllm"
-
-
-def test_cell_id_is_stable_and_ignores_non_axis_fields():
-    a = cell_id(_cell("paper", "rollout.backend=hf"))
-    b = cell_id(_cell("paper", "rollout.backend=hf", "grpo.max_steps=10", "eval.limit=5"))
-    assert a == b == "qwen2.5-7b__awq__r64__s0"
-    assert cell_id(dict(reversed(list(_cell().items())))) == cell_id(_cell())  # key order
-
-
-@pytest.mark.parametrize("axis", ["lora.rank=32", "seed=22", "model.quantization=bf16"])
-def test_cell_id_changes_with_each_axis(axis):
-    overrides = ["model.name_or_path=Qwen/Qwen2.5-7B-Instruct"] if "quantization" in axis else []
-    assert cell_id(_cell("paper", axis, *overrides)) != cell_id(_cell())
-
-
-def test_zero_shot_cell_has_no_rank_or_seed():
-    cells = [_cell("paper", "stage=zero_shot", f"lora.rank={r}", f"seed={s}") for r, s in [(8, 0), (64, 42)]]
-    assert cells[0]["lora_rank"] is None and cells[0]["rollout"] is None
-    assert cell_id(cells[0]) == cell_id(cells[1]) == "qwen2.5-7b__awq__zero-shot"
-
-
-def test_cell_id_is_path_safe():
-    cell = {"model": "my org/model:v2", "quantization": "bf16", "lora_rank": 8, "seed": 0,
-            "stage": "grpo", "rollout": "hf", "dataset": "a/b c"}
-    ident = cell_id(cell)
-    assert "/" not in ident and " " not in ident and ":" not in ident
-    assert ident == "my-org-model-v2__bf16__r8__s0__dataset-a-b-c"
-
-
-def test_extra_axes_are_part_of_the_id_in_sorted_order():
-    base = _cell("paper", "rollout.backend=hf")
-    assert cell_id({**base, "lr": 1e-5, "data": "x"}) == "qwen2.5-7b__awq__r64__s0__data-x__lr-1e-05"
-
-
-@pytest.mark.parametrize("preset, stage", [("zero2", 2), ("zero3", 3)])
-def test_deepspeed_presets_resolve_to_the_shipped_configs(tmp_path, preset, stage):
-    from nli_grpo.train import config_for_run, trl_args
-
-    args = trl_args(config_for_run("smoke", [f"grpo.deepspeed={preset}"], str(tmp_path)), tmp_path)
-    assert args.deepspeed.endswith(f"deepspeed_zero{stage}.json")
-    assert args.hf_deepspeed_config.config["zero_optimization"]["stage"] == stage
-
-
-def test_trl_gets_the_papers_objective_not_trl_1x_defaults(tmp_path):
-    """TRL 1.x added options (on by default for some) that the paper's TRL 0.16 did not have."""
-    from nli_grpo.train import config_for_run, trl_args
-
-    args = trl_args(config_for_run("paper", ["model.quantization=bf16", "model.name_or_path=Qwen/Qwen2.5-7B-Instruct"],
-                                   str(tmp_path)), tmp_path)
-    assert (args.beta, args.epsilon, args.epsilon_high, args.num_iterations) == (0.01, 0.2, 0.2, 4)
-    assert (args.scale_rewards, args.loss_type, args.num_generations) == ("none", "grpo", 4)
-    assert args.use_bias_correction_kl is False and args.vllm_importance_sampling_correction is False
-    assert (args.entropy_coef, args.top_entropy_quantile, args.mask_truncated_completions) == (0.0, 1.0, False)
-    assert (args.temperature, args.top_k, args.top_p, args.max_completion_length) == (0.9, 50, 1.0, 512)
-    assert (args.learning_rate, args.lr_scheduler_type.value, args.warmup_steps, args.max_grad_norm) == (5e-6, "linear", 50, 1.0)
-    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 8

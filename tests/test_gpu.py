@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nli_grpo import results
+from nli_grpo.layout import RESULT_FILENAME
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -21,7 +22,7 @@ SEVEN_B = ["model.name_or_path=random:qwen2.5-7b", "lora.rank=64", "grpo.max_ste
            "data.hub=false", "eval.after_training=false"]
 
 RUN = """
-from nli_grpo.train import config_for_run, run
+from nli_grpo.job import config_for_run, run
 
 def alternating_reward(completions, **_):
     # non-zero advantages in every group: each step really runs backward and the optimizer
@@ -39,7 +40,7 @@ def train_7b(tmp_path, quantization: str, rollout: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", RUN.format(overrides=overrides, out=str(out))],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    doc = results.read_result(out / results.RESULT_FILENAME)
+    doc = results.read_result(out / RESULT_FILENAME)
     train = doc["train"]
     assert train["steps_done"] == 2 and train["skipped_zero_advantage_steps"] == 0
     assert train["peak_memory_kind"] == "cuda_max_allocated"

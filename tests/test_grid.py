@@ -1,96 +1,26 @@
-"""Grid expansion (axes, linked axes, CLI axis flags, seeds, smoke) and the checks that refuse a
-cell before submission (config, capability matrix, GPU memory fit). No Slurm needed."""
-import importlib.util
-from pathlib import Path
-
+"""Grid cells: linked axes, restricting an axis, cell ids, and the checks that refuse a cell before
+submission (capability matrix, GPU memory fit). No Slurm needed."""
 import pytest
 
 from nli_grpo import grid
-from nli_grpo.config import ConfigError
-from nli_grpo.grid import Grid, capability_problems, estimate_gpu_memory, memory_problems, qwen, restrict_axis
-from nli_grpo.sweep import Sweep, parse_args, plan
-from nli_grpo.train import config_for_run
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_sweep(name: str) -> Sweep:
-    spec = importlib.util.spec_from_file_location(f"sweep_{name}", REPO / "sweeps" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SWEEP
-
-
-def cells_of(name: str, *argv: str, tmp_path=None):
-    sweep = load_sweep(name)
-    results = ["--results", str(tmp_path)] if tmp_path else []
-    return plan(sweep, parse_args(sweep, [*argv, *results]))
+from nli_grpo.config import ConfigError, load_config
+from nli_grpo.grid import (
+    Grid,
+    capability_problems,
+    cell_from_config,
+    cell_id,
+    estimate_gpu_memory,
+    memory_problems,
+    qwen,
+    restrict_axis,
+)
+from nli_grpo.job import config_for_run
 
 
-def test_lora_rank_sweep_is_ranks_times_linked_model_variants(tmp_path):
-    cells = cells_of("lora_rank", tmp_path=tmp_path)
-    assert len(cells) == 10 and not any(c.problems for c in cells)
-    pairs = {(c.cfg.lora.rank, c.cfg.model.quantization, c.cfg.model.name_or_path) for c in cells}
-    assert pairs == {(r, q, "Qwen/Qwen2.5-7B-Instruct" + ("-AWQ" if q == "awq" else "")) for r in (8, 16, 32, 64, 128) for q in ("bf16", "awq")}
-    ids = [c.cell_id for c in cells]
-    assert len(set(ids)) == 10 and "qwen2.5-7b__awq__r64__s0__vllm" in ids
-    assert all(c.cfg.output.dir == str(tmp_path.absolute() / "lora_rank" / c.cell_id) for c in cells)
-    assert all(c.cfg.output.sweep == "lora_rank" and c.cfg.grpo.completions_per_step == 32 for c in cells)
-
-
-def test_cell_ids_are_stable_and_only_depend_on_the_axes(tmp_path):
-    first = [c.cell_id for c in cells_of("lora_rank", tmp_path=tmp_path)]
-    again = [c.cell_id for c in cells_of("lora_rank", "grpo.learning_rate=1e-5", tmp_path=tmp_path / "other")]
-    assert first == again
-
-
-def test_axis_flags_and_seeds_restrict_and_extend_the_grid(tmp_path):
-    cells = cells_of("lora_rank", "--ranks", "8,32", "--quantizations", "bf16", "--seeds", "0,22,42", tmp_path=tmp_path)
-    assert sorted((c.cfg.lora.rank, c.cfg.seed) for c in cells) == [(r, s) for r in (8, 32) for s in (0, 22, 42)]
-    assert {c.cfg.model.name_or_path for c in cells} == {"Qwen/Qwen2.5-7B-Instruct"}
-    sizes = cells_of("model_size", "--models", "14b,qwen2.5-32b", tmp_path=tmp_path)
-    assert sorted(c.cfg.model.name_or_path for c in sizes) == ["Qwen/Qwen2.5-14B-Instruct-AWQ", "Qwen/Qwen2.5-32B-Instruct-AWQ"]
-
-
-def test_an_axis_flag_that_selects_no_variant_says_what_the_sweep_has():
+def test_an_axis_flag_that_selects_no_variant_says_what_the_sweep_has(load_sweep):
     block = load_sweep("lora_rank").blocks()[0]
     with pytest.raises(ValueError, match=r"no model variant with model.quantization in \['bnb4'\]; this sweep has: bf16, awq"):
         restrict_axis(block, "model.quantization", ["bnb4"])
-
-
-def test_per_size_resources_come_with_the_model_variant_and_the_cli_overrides_them(tmp_path):
-    cells = {c.cfg.model.name_or_path: c.cfg.resources for c in cells_of("model_size", tmp_path=tmp_path)}
-    assert cells["Qwen/Qwen2.5-7B-Instruct-AWQ"].mem_gb == 64
-    assert cells["Qwen/Qwen2.5-32B-Instruct-AWQ"].timeout_min == 48 * 60
-    overridden = cells_of("model_size", "--time", "1-12:00:00", "--gpus-per-node", "2", "--mem-gb", "200",
-                          "rollout.backend=hf", tmp_path=tmp_path)
-    assert {(c.cfg.resources.timeout_min, c.cfg.resources.gpus_per_node, c.cfg.resources.mem_gb) for c in overridden} == {(36 * 60, 2, 200)}
-
-
-def test_paper_sweep_has_main_runs_rank_ablation_and_one_zero_shot_per_model_variant(tmp_path):
-    cells = cells_of("paper", tmp_path=tmp_path)
-    assert not [c.problems for c in cells if c.problems]
-    zero_shot = [c for c in cells if c.cfg.stage == "zero_shot"]
-    ablation = [c for c in cells if c.cfg.output.extra_axes]
-    main = [c for c in cells if c not in zero_shot and c not in ablation]
-    assert len(main) == 9 and len(ablation) == 30 and len(zero_shot) == 4
-    assert sorted(c.cell_id for c in zero_shot) == ["qwen2.5-14b__awq__zero-shot", "qwen2.5-32b__awq__zero-shot",
-                                                     "qwen2.5-7b__awq__zero-shot", "qwen2.5-7b__bf16__zero-shot"]
-    # the same model/rank/seed in the main runs and the ablation are different runs (other recipe)
-    assert "qwen2.5-7b__awq__r64__s22__vllm" in {c.cell_id for c in main}
-    assert "qwen2.5-7b__awq__r64__s22__vllm__ablation-lora_rank" in {c.cell_id for c in ablation}
-    assert {c.cfg.grpo.max_steps for c in ablation} == {1000} and {c.cfg.grpo.max_steps for c in main} == {4000}
-
-
-def test_smoke_keeps_the_shape_shrunk_onto_the_tiny_model(tmp_path):
-    cells = cells_of("lora_rank", "--smoke", tmp_path=tmp_path)
-    assert [c.cell_id for c in cells] == ["tiny__bf16__r8__s0", "tiny__bf16__r16__s0"]
-    cfg = cells[0].cfg
-    assert (cfg.model.name_or_path, cfg.resources.gpus_per_node, cfg.data.local_dir) == ("tiny", 0, "samples")
-    assert cfg.output.dir == str(tmp_path.absolute() / "lora_rank-smoke" / "tiny__bf16__r8__s0")
-    paper = sorted(c.cell_id for c in cells_of("paper", "--smoke", tmp_path=tmp_path))
-    assert paper == ["tiny__bf16__r16__s0__ablation-lora_rank", "tiny__bf16__r8__s0",  # main runs: the smoke recipe's rank
-                     "tiny__bf16__r8__s0__ablation-lora_rank", "tiny__bf16__zero-shot"]
 
 
 def test_linked_axis_values_become_overrides_that_change_together():
@@ -103,12 +33,6 @@ def test_linked_axis_values_become_overrides_that_change_together():
 
 
 # --------------------------------------------------------------------------- refusals
-def test_rank_zero_is_refused_with_the_field_and_the_fix(tmp_path):
-    [cell, *_] = cells_of("lora_rank", "--ranks", "0", tmp_path=tmp_path)
-    assert cell.cfg is None
-    assert cell.problems == ["lora.rank=0 must be a positive integer (the paper uses 8..128)"]
-
-
 def test_unknown_model_is_refused():
     cfg = config_for_run("paper", ["model.name_or_path=acme/SuperNLI-9B", "model.quantization=bf16"])
     [problem] = capability_problems(cfg)
@@ -151,3 +75,47 @@ def test_memory_estimate_grows_with_rank_and_batch_and_skips_cpu_cells():
     small = estimate_gpu_memory(config_for_run("lora_rank", [*base, "grpo.completions_per_step=8"]))
     assert small["activations"] < r8["activations"]
     assert estimate_gpu_memory(config_for_run("smoke", [])) is None
+
+
+# --------------------------------------------------------------------------- cells
+def _cell(recipe="paper", *overrides):
+    return cell_from_config(load_config(recipe, list(overrides)))
+
+
+def test_cell_of_paper_recipe():
+    cell = _cell()
+    assert cell == {"model": "qwen2.5-7b", "quantization": "awq", "lora_rank": 64, "seed": 0,
+                    "stage": "grpo", "rollout": "vllm"}
+    assert cell_id(cell) == "qwen2.5-7b__awq__r64__s0__vllm"
+
+
+def test_cell_id_is_stable_and_ignores_non_axis_fields():
+    a = cell_id(_cell("paper", "rollout.backend=hf"))
+    b = cell_id(_cell("paper", "rollout.backend=hf", "grpo.max_steps=10", "eval.limit=5"))
+    assert a == b == "qwen2.5-7b__awq__r64__s0"
+    assert cell_id(dict(reversed(list(_cell().items())))) == cell_id(_cell())  # key order
+
+
+@pytest.mark.parametrize("axis", ["lora.rank=32", "seed=22", "model.quantization=bf16"])
+def test_cell_id_changes_with_each_axis(axis):
+    overrides = ["model.name_or_path=Qwen/Qwen2.5-7B-Instruct"] if "quantization" in axis else []
+    assert cell_id(_cell("paper", axis, *overrides)) != cell_id(_cell())
+
+
+def test_zero_shot_cell_has_no_rank_or_seed():
+    cells = [_cell("paper", "stage=zero_shot", f"lora.rank={r}", f"seed={s}") for r, s in [(8, 0), (64, 42)]]
+    assert cells[0]["lora_rank"] is None and cells[0]["rollout"] is None
+    assert cell_id(cells[0]) == cell_id(cells[1]) == "qwen2.5-7b__awq__zero-shot"
+
+
+def test_cell_id_is_path_safe():
+    cell = {"model": "my org/model:v2", "quantization": "bf16", "lora_rank": 8, "seed": 0,
+            "stage": "grpo", "rollout": "hf", "dataset": "a/b c"}
+    ident = cell_id(cell)
+    assert "/" not in ident and " " not in ident and ":" not in ident
+    assert ident == "my-org-model-v2__bf16__r8__s0__dataset-a-b-c"
+
+
+def test_extra_axes_are_part_of_the_id_in_sorted_order():
+    base = _cell("paper", "rollout.backend=hf")
+    assert cell_id({**base, "lr": 1e-5, "data": "x"}) == "qwen2.5-7b__awq__r64__s0__data-x__lr-1e-05"

@@ -1,7 +1,6 @@
-"""Launcher pieces without a Slurm cluster: the sbatch script submitit would write (vs a golden
-file), the manifest, the rerun decisions (with a fake queue: the real squeue path is covered by
-test_sweeps_slurm.py), the status table from result files, and CellJob's signal forwarding with a
-real child process."""
+"""The launcher without a Slurm cluster: the sbatch script submitit would write (vs a golden file),
+executor parameters, and CellJob with real child processes: USR2 forwarded to the training ranks
+only, deaths by signal recorded and retried, errors not."""
 import os
 import pickle
 import signal
@@ -13,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nli_grpo import launch, results, status
+from nli_grpo import launch, results
 from nli_grpo.config import ResourcesConfig
-from nli_grpo.sweep import decide, parse_args, plan, results_dir_problem
-from test_grid import load_sweep  # tests/ is on sys.path (rootdir-less test modules)
+from nli_grpo.layout import CellFolder
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -46,90 +44,6 @@ def test_child_gets_at_most_the_signal_window_minus_a_margin_to_save():
     assert launch.LaunchOptions(signal_delay_s=300, grace_time_s=None).stop_timeout_s == 285
 
 
-@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("30:00", 30), ("2-00:00:00", 2880), ("1-12", 2160), ("0:10:30", 11)])
-def test_slurm_time_formats(text, minutes):
-    assert launch.parse_time_min(text) == minutes
-
-
-def test_manifest_keeps_every_submission_and_the_latest_job_of_each_cell(tmp_path):
-    class Job:
-        def __init__(self, job_id):
-            self.job_id = job_id
-
-    launch.record_submission(tmp_path, {"a": {"cell": 1}, "b": {"cell": 2}}, launch.submission_record("slurm", tmp_path, {"a": Job("7_0"), "b": Job("7_1")}))
-    launch.record_submission(tmp_path, {"b": {"cell": 2}}, launch.submission_record("slurm", tmp_path, {"b": Job("9")}))
-    manifest = launch.read_manifest(tmp_path)
-    assert list(manifest["cells"]) == ["a", "b"] and len(manifest["submissions"]) == 2
-    assert manifest["submissions"][0]["command"][0] == sys.executable and "submitted_at" in manifest["submissions"][0]
-    assert launch.latest_jobs(manifest) == {"a": ("7_0", "slurm"), "b": ("9", "slurm")}
-    (tmp_path / launch.MANIFEST_FILENAME).write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON.*move it aside"):
-        launch.read_manifest(tmp_path)
-
-
-def write_result(run_dir: Path, status_: str, steps=12, attempts=1, error=None):
-    doc = {"schema_version": results.SCHEMA_VERSION, "tool": results.TOOL, "sweep": run_dir.parent.name, "cell_id": run_dir.name,
-           "status": status_, "cell": {"model": "tiny", "quantization": "bf16", "lora_rank": 8, "seed": 0},
-           "config": {"stage": "grpo", "grpo": {"max_steps": 12}}, "versions": {}, "slurm": {"attempts": attempts},
-           "train": {"steps_done": steps}, "eval": {}, "error": error, "updated_at": "2026-11-21T10:00:00+00:00"}
-    results.atomic_write_json(run_dir / results.RESULT_FILENAME, doc)
-
-
-def smoke_cells(tmp_path, *argv):
-    sweep = load_sweep("lora_rank")
-    return plan(sweep, parse_args(sweep, ["--smoke", "--ranks", "8,16,32,64,128", "--results", str(tmp_path), *argv]))
-
-
-def test_rerun_skips_complete_and_queued_cells_and_resubmits_the_rest(tmp_path):
-    cells = smoke_cells(tmp_path)
-    assert len(cells) == 5
-    sweep_dir = tmp_path / "lora_rank-smoke"
-    complete, failed, pending, preempted, missing = cells
-    write_result(complete.run_dir, "complete")
-    write_result(failed.run_dir, "failed", steps=3, error="RuntimeError: boom")
-    write_result(preempted.run_dir, "preempted", steps=4, attempts=2)
-    jobs = {c.cell_id: type("Job", (), {"job_id": f"5_{i}"})() for i, c in enumerate(cells[:4])}
-    launch.record_submission(sweep_dir, {}, launch.submission_record("slurm", sweep_dir, jobs))
-    queue = lambda: {"5_2": "PENDING", "12": "RUNNING"}  # noqa: E731 - squeue as seen now
-
-    decide(cells, sweep_dir, force=False, queue=queue)
-    assert [(c.action, c.reason) for c in cells] == [
-        ("skip", "complete"), ("submit", "failed"), ("skip", "pending (job 5_2)"), ("submit", "preempted"), ("submit", "missing")]
-    decide(cells, sweep_dir, force=True, queue=queue)
-    assert [c.action for c in cells] == ["submit", "submit", "skip", "submit", "submit"]
-
-
-def test_status_from_result_files_alone_after_the_jobs_left_the_queue(tmp_path, capsys, monkeypatch):
-    sweep_dir = tmp_path / "lora_rank"
-    write_result(sweep_dir / "a", "complete", attempts=3)
-    write_result(sweep_dir / "b", "preempted", steps=4, attempts=2)
-    write_result(sweep_dir / "c", "running", steps=0)
-    (sweep_dir / "b" / "checkpoints" / "checkpoint-6").mkdir(parents=True)
-    (sweep_dir / "b" / "checkpoints" / "checkpoint-6" / "CHECKPOINT_COMPLETE").write_text("6\n")
-    launch.record_submission(sweep_dir, {"d": {}}, launch.submission_record("slurm", sweep_dir, {"c": type("J", (), {"job_id": "8_2"})()}))
-
-    lines = {s.cell_id: s for s in status.sweep_status(sweep_dir, queue=lambda: {}, accounting=lambda ids: {})}
-    assert [(lines[c].state, lines[c].attempts, lines[c].steps_done) for c in "abcd"] == [
-        ("complete", 3, 12), ("preempted", 2, 6), ("failed", 1, 0), ("missing", None, None)]
-    assert "left the queue while running" in lines["c"].detail
-    assert "rerun the sweep" in lines["b"].detail
-    # without Slurm to ask, the files alone decide
-    assert {s.cell_id: s.state for s in status.sweep_status(sweep_dir, queue=None)}["c"] == "running"
-    monkeypatch.setattr(launch, "queued_jobs", lambda: {"8_2": "RUNNING"})
-    monkeypatch.setattr(launch, "accounting_states", lambda ids: {})
-    assert status.main([str(sweep_dir)]) == 0
-    out = capsys.readouterr().out
-    assert "lora_rank: 4 cells: 1 running, 1 preempted, 1 complete, 1 missing" in out and "6/12" in out
-
-
-def test_a_results_folder_that_cannot_be_written_is_named(tmp_path):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    assert "is a file" in results_dir_problem(blocker / "results" / "sweep")
-    assert results_dir_problem(tmp_path / "new" / "sweep") is None
-    assert not (tmp_path / "new").exists()  # checking creates nothing
-
-
 CHILD = """
 import signal, sys, time
 signal.signal(signal.SIGUSR2, lambda *_: (print("saving", flush=True), time.sleep(0.5), sys.exit(75)))
@@ -151,34 +65,20 @@ def test_checkpoint_forwards_usr2_waits_for_the_child_and_resubmits_a_fresh_job(
 
 
 def test_checkpoint_kills_a_child_that_does_not_stop_in_time(tmp_path):
-    job = launch.CellJob([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGUSR2, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
-                         str(tmp_path), stop_timeout_s=1)
+    stubborn = "import signal, time; signal.signal(signal.SIGUSR2, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    job = launch.CellJob([sys.executable, "-c", stubborn], str(tmp_path), stop_timeout_s=1)
     job.start_child(stdout=subprocess.PIPE, text=True)
     assert job._child.stdout.readline() == "ready\n"
     job.checkpoint()
     assert job._child.returncode == -signal.SIGKILL
 
 
-def test_cell_job_reports_the_childs_failure_with_the_recorded_error(tmp_path):
+def test_cell_job_reports_the_childs_failure_with_the_recorded_error(tmp_path, write_result):
     write_result(tmp_path, "failed", error="ValueError: no prompts")
     with pytest.raises(RuntimeError, match="exited with 3: ValueError: no prompts"):
         launch.CellJob([sys.executable, "-c", "raise SystemExit(3)"], str(tmp_path), 10)()
     write_result(tmp_path, "complete", attempts=2)
     assert launch.CellJob([sys.executable, "-c", "pass"], str(tmp_path), 10)() == {"run_dir": str(tmp_path), "status": "complete", "attempts": 2}
-
-
-def test_force_moves_a_complete_cell_aside_so_that_it_starts_fresh_and_keeps_a_failed_one(tmp_path):
-    from nli_grpo.sweep import _move_aside
-
-    complete, failed = smoke_cells(tmp_path)[:2]
-    sweep_dir = tmp_path / "lora_rank-smoke"
-    write_result(complete.run_dir, "complete")
-    write_result(failed.run_dir, "failed")
-    _move_aside(complete, sweep_dir)
-    _move_aside(failed, sweep_dir)
-    [kept] = (sweep_dir / ".replaced").iterdir()
-    assert kept.name.startswith(complete.cell_id + ".") and (kept / results.RESULT_FILENAME).exists()
-    assert not complete.run_dir.exists() and (failed.run_dir / results.RESULT_FILENAME).exists()
 
 
 def test_a_multi_gpu_cell_trains_under_torchrun_one_process_per_gpu(tmp_path):
@@ -208,39 +108,7 @@ def test_checkpoint_reaches_ranks_that_run_in_sessions_of_their_own(tmp_path):
     assert saved.read_text() == "saved" and job._child.returncode == 75
 
 
-def test_a_rerun_with_other_settings_is_refused_and_force_starts_the_cell_afresh(tmp_path):
-    from nli_grpo.sweep import _move_aside
-
-    from nli_grpo.train import RunRecord
-
-    [first] = smoke_cells(tmp_path, "--ranks", "8")
-    sweep_dir = tmp_path / "lora_rank-smoke"
-    launch.write_config_snapshot(first.cfg, first.run_dir)
-    RunRecord(first.cfg).update(status="preempted")
-    (first.run_dir / "checkpoints" / "checkpoint-4").mkdir(parents=True)  # the work of the earlier run
-    [same] = smoke_cells(tmp_path, "--ranks", "8", "grpo.save_steps=6")
-    decide([same], sweep_dir, force=False, queue=lambda: {})
-    assert same.problems and "other settings (grpo)" in same.problems[0] and "--force" in same.problems[0]
-
-    [unchanged] = smoke_cells(tmp_path, "--ranks", "8", "resources.mem_gb=4")  # resources may change
-    decide([unchanged], sweep_dir, force=False, queue=lambda: {})
-    assert not unchanged.problems and unchanged.action == "submit"
-
-    [forced] = smoke_cells(tmp_path, "--ranks", "8", "grpo.save_steps=6")
-    decide([forced], sweep_dir, force=True, queue=lambda: {})
-    assert not forced.problems and forced.action == "submit"
-    _move_aside(forced, sweep_dir)
-    assert not forced.run_dir.exists() and len(list((sweep_dir / ".replaced").iterdir())) == 1
-
-
-def test_a_local_cell_that_says_running_is_not_started_twice(tmp_path):
-    [cell] = smoke_cells(tmp_path, "--ranks", "8")
-    write_result(cell.run_dir, "running", steps=2)
-    decide([cell], tmp_path / "lora_rank-smoke", force=False, queue=None)
-    assert cell.action == "skip" and "running" in cell.reason
-
-
-def test_a_training_killed_by_a_signal_is_recorded_and_restarted_a_bounded_number_of_times(tmp_path):
+def test_a_training_killed_by_a_signal_is_recorded_and_restarted_a_bounded_number_of_times(tmp_path, write_result):
     """The OOM killer's SIGKILL leaves the child no chance to write anything: the job records the
     death (signal, step on disk) and starts it again, `retries` times at most, then fails the cell
     with what happened instead of `error: None`."""
@@ -253,14 +121,14 @@ def test_a_training_killed_by_a_signal_is_recorded_and_restarted_a_bounded_numbe
     with pytest.raises(RuntimeError, match="killed by SIGKILL with step 6 on disk.*1 retry used"):
         job()
     assert job.starts == 2
-    doc = results.read_result(tmp_path / results.RESULT_FILENAME)
+    doc = results.read_result(CellFolder(tmp_path).result)
     assert doc["status"] == "failed" and "SIGKILL" in doc["error"] and "OOM killer" in doc["error"]
     assert doc["failure"] == {"exit_signal": "SIGKILL", "last_step_on_disk": 6}
     assert [(d["signal"], d["step_on_disk"], d["retried"]) for d in doc["slurm"]["deaths"]] == [
         ("SIGKILL", 6, True), ("SIGKILL", 6, False)]
 
 
-def test_errors_are_never_retried(tmp_path):
+def test_errors_are_never_retried(tmp_path, write_result):
     write_result(tmp_path, "running", steps=0)
     job = launch.CellJob([sys.executable, "-c", "raise SystemExit(2)"], str(tmp_path), 10, retries=5)
     with pytest.raises(RuntimeError, match="exited with 2"):
@@ -270,7 +138,7 @@ def test_errors_are_never_retried(tmp_path):
 
 def _snapshot_cell(tmp_path: Path, *overrides: str) -> Path:
     """A cell folder as the sweep leaves it: the config snapshot the job's command runs."""
-    from nli_grpo.train import config_for_run
+    from nli_grpo.job import config_for_run
 
     run_dir = tmp_path / "cell"
     launch.write_config_snapshot(config_for_run("smoke", list(overrides), str(run_dir)), run_dir)
@@ -307,7 +175,7 @@ def test_a_killed_training_restarts_from_its_last_checkpoint_and_completes(tmp_p
     os.kill(job._child.pid, signal.SIGKILL)
     thread.join(timeout=300)
     assert outcome.get("result", {}).get("status") == "complete", outcome
-    doc = results.read_result(run_dir / results.RESULT_FILENAME)
+    doc = results.read_result(CellFolder(run_dir).result)
     assert job.starts == 2 and doc["slurm"]["attempts"] == 2
     (death,) = doc["slurm"]["deaths"]
     assert death["signal"] == "SIGKILL" and death["retried"] and death["step_on_disk"] >= 2
@@ -337,17 +205,17 @@ def test_usr2_reaches_the_training_rank_not_the_vllm_engine(tmp_path):
                              "grpo.save_steps=1000", "eval.after_training=false")
     job = launch.CellJob(launch.train_command(run_dir), str(run_dir), 120)
     thread, outcome = _in_thread(job)
-    _wait_for(lambda: len(results.read_jsonl(run_dir / results.TRAIN_LOG_FILENAME)) >= 2, thread)
+    _wait_for(lambda: len(results.read_jsonl(CellFolder(run_dir).train_log)) >= 2, thread)
     job.checkpoint()
     thread.join(timeout=120)
     assert job._child.returncode == 75, outcome
-    doc = results.read_result(run_dir / results.RESULT_FILENAME)
+    doc = results.read_result(CellFolder(run_dir).result)
     stopped_at = doc["train"]["steps_done"]
     assert doc["status"] == "preempted" and 2 <= stopped_at < 30
     assert (run_dir / "checkpoints" / f"checkpoint-{stopped_at}" / "CHECKPOINT_COMPLETE").exists()
 
     assert launch.CellJob(launch.train_command(run_dir), str(run_dir), 120)()["status"] == "complete"
-    doc = results.read_result(run_dir / results.RESULT_FILENAME)
+    doc = results.read_result(CellFolder(run_dir).result)
     assert doc["train"]["steps_done"] == 30 and doc["train"]["resumed_from_step"] == stopped_at
     deadline = time.time() + 30
     while _engine_processes(started) and time.time() < deadline:

@@ -1,5 +1,5 @@
-"""Model names, the tiny stand-in model and tokenizer, the Qwen2.5 shapes, the LoRA config, and the
-quantised loading paths; plus one real GRPO job with bnb-4bit + LoRA on the CPU."""
+"""Models: the tiny stand-in model and tokenizer built locally, the quantised loading paths, the
+LoRA config, and how training holds and computes the weights (the authors' precision)."""
 
 import json
 from pathlib import Path
@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from nli_grpo.catalog import QWEN25_COMMON, QWEN25_SHAPES
 from nli_grpo.config import LoraConfig, ModelConfig
-from nli_grpo.models import (
-    QWEN25_COMMON, QWEN25_SHAPES, load_base_model, load_tokenizer, model_key, peft_lora_config,
-    resolve_model_path,
-)
+from nli_grpo.models import load_base_model, load_tokenizer, peft_lora_config, resolve_model_path
 from nli_grpo.prompts import LABELS
 
 
@@ -40,21 +38,6 @@ def tiny_model(tiny_path):
     return load_base_model(ModelConfig(name_or_path="tiny", quantization="bf16"), torch.float32)
 
 
-# --------------------------------------------------------------------------- names
-@pytest.mark.parametrize("name, key", [
-    ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
-    ("Qwen/Qwen2.5-7B-Instruct-AWQ", "qwen2.5-7b"),
-    ("Qwen/Qwen2.5-32B-Instruct-AWQ", "qwen2.5-32b"),
-    ("Qwen/Qwen2.5-14B-Instruct-GPTQ-Int4", "qwen2.5-14b"),
-    ("/scratch/models/Qwen2.5-14B-Instruct-AWQ/", "qwen2.5-14b"),
-    ("./Qwen2.5-7B-Instruct", "qwen2.5-7b"),
-    ("tiny", "tiny"),
-    ("random:qwen2.5-7b", "qwen2.5-7b-random"),
-])
-def test_model_key(name, key):
-    assert model_key(name) == key
-
-
 def test_unknown_random_shape_is_rejected(model_cache):
     with pytest.raises(ValueError, match="unknown random model shape 'qwen2.5-3b'.*qwen2.5-7b"):
         resolve_model_path("random:qwen2.5-3b")
@@ -63,38 +46,6 @@ def test_unknown_random_shape_is_rejected(model_cache):
 
 def test_hub_ids_are_passed_through():
     assert resolve_model_path("Qwen/Qwen2.5-7B-Instruct-AWQ") == "Qwen/Qwen2.5-7B-Instruct-AWQ"
-
-
-# --------------------------------------------------------------------------- Qwen2.5 shapes
-# paper-facts.md, "Model shapes": hidden, intermediate, layers, heads, kv heads
-PAPER_SHAPES = {
-    "qwen2.5-7b": (3584, 18944, 28, 28, 4),
-    "qwen2.5-14b": (5120, 13824, 48, 40, 8),
-    "qwen2.5-32b": (5120, 27648, 64, 40, 8),
-}
-
-
-@pytest.mark.parametrize("name", PAPER_SHAPES)
-def test_qwen25_shapes_match_the_public_configs(name):
-    shape = QWEN25_SHAPES[name]
-    assert (shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"],
-            shape["num_attention_heads"], shape["num_key_value_heads"]) == PAPER_SHAPES[name]
-
-
-def test_qwen25_common_settings():
-    assert QWEN25_COMMON == dict(
-        vocab_size=152064, hidden_act="silu", rope_theta=1e6, rms_norm_eps=1e-6,
-        max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
-    )
-
-
-@pytest.mark.parametrize("name, billions", [("qwen2.5-7b", 7.6), ("qwen2.5-14b", 14.8), ("qwen2.5-32b", 32.8)])
-def test_qwen25_shapes_give_the_published_parameter_counts(name, billions):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    with torch.device("meta"):  # shapes only, no memory
-        model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_COMMON, **QWEN25_SHAPES[name]))
-    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.05)
 
 
 # --------------------------------------------------------------------------- the tiny model
@@ -182,38 +133,6 @@ def test_lora_alpha_when_set():
 
 
 # --------------------------------------------------------------------------- the real job
-def alternating_reward(completions, **_):
-    """0, 1, 0, 1 ...: every group of 4 gets a non-zero advantage, so the step runs a backward
-    pass through the 4-bit layers (the paper's reward is 0 for everything a random model says,
-    and all-zero-advantage steps are skipped)."""
-    return [float(i % 2) for i in range(len(completions))]
-
-
-@pytest.mark.slow
-def test_grpo_job_with_bnb4_and_lora_on_cpu(model_cache, tmp_path):
-    from safetensors.torch import load_file
-
-    from nli_grpo.results import read_result
-    from nli_grpo.train import config_for_run, run
-
-    cfg = config_for_run("smoke", [
-        "model.quantization=bnb4", "grpo.max_steps=2", "grpo.num_iterations=1", "grpo.save_steps=100",
-        "eval.after_training=false",
-    ], str(tmp_path / "run"))
-    assert run(cfg, reward_funcs=[alternating_reward]) == 0
-
-    result = read_result(tmp_path / "run" / "result.json")
-    assert result["status"] == "complete"
-    assert result["cell"]["quantization"] == "bnb4"
-    assert result["train"]["steps_done"] == 2
-    assert result["train"]["skipped_zero_advantage_steps"] == 0
-    adapter = tmp_path / "run" / "adapter"
-    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
-    weights = load_file(adapter / "adapter_model.safetensors")
-    # PEFT starts every lora_B at zero; a non-zero one shows that the optimizer stepped.
-    assert any(w.abs().max() > 0 for name, w in weights.items() if "lora_B" in name)
-
-
 @pytest.mark.parametrize("recipe, overrides", [
     ("paper", []),                                                          # 7B AWQ, the main runs
     ("paper", ["model.name_or_path=Qwen/Qwen2.5-32B-Instruct-AWQ"]),
@@ -235,19 +154,10 @@ def test_paper_recipes_train_like_the_authors_fp16_weights_under_bf16_autocast(r
     assert eval_dtype(cfg, cuda=False) == torch.float32
 
 
-def test_precision_fields_reach_the_trainer_and_the_loaded_model(tmp_path):
-    from nli_grpo.config import ConfigError, load_config
-    from nli_grpo.models import training_precision
-    from nli_grpo.train import config_for_run, trl_args
+@pytest.mark.parametrize("name, billions", [("qwen2.5-7b", 7.6), ("qwen2.5-14b", 14.8), ("qwen2.5-32b", 32.8)])
+def test_qwen25_shapes_give_the_published_parameter_counts(name, billions):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = config_for_run("smoke", [], str(tmp_path))
-    args = trl_args(cfg, tmp_path)
-    assert (args.bf16, args.fp16) == (False, False)  # this CPU: float32, as training_precision says
-    model = load_base_model(cfg.model, training_precision(cfg, cuda=False)["dtype"])
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
-    fp16 = load_config("paper", ["grpo.mixed_precision=fp16", "model.dtype=float16"])
-    assert training_precision(fp16, cuda=True) == {"dtype": torch.float16, "bf16": False, "fp16": True}
-    with pytest.raises(ConfigError, match="AWQ kernels compute in float16"):
-        load_config("paper", ["model.dtype=bfloat16"])
-    with pytest.raises(ConfigError, match="grpo.mixed_precision='fp32' is not allowed"):
-        load_config("paper", ["grpo.mixed_precision=fp32"])
+    with torch.device("meta"):  # shapes only, no memory
+        model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_COMMON, **QWEN25_SHAPES[name]))
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.05)

@@ -6,7 +6,13 @@ import pytest
 
 from nli_grpo.models import build_tiny_tokenizer
 from nli_grpo.prompts import (
-    SYSTEM_PROMPT, UNPARSEABLE, USER_TEMPLATE, build_messages, extract_label, format_ok, render_prompt,
+    SYSTEM_PROMPT,
+    UNPARSEABLE,
+    USER_TEMPLATE,
+    build_messages,
+    extract_label,
+    format_ok,
+    render_prompt,
 )
 from nli_grpo.rewards import nli_reward, nli_reward_one
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from nli_grpo import results
-from nli_grpo.evaluate import HFGenerator, VLLMGenerator, evaluate_run
+from nli_grpo.evaluation import HFGenerator, VLLMGenerator, evaluate
+from nli_grpo.job import config_for_run
+from nli_grpo.layout import CellFolder
+from nli_grpo.process import StopRequest
 from nli_grpo.prompts import render_prompt
-from nli_grpo.train import StopRequest, build_trainer, config_for_run
-
-from test_train import LEARNING_OVERRIDES, target_token_reward
+from nli_grpo.training import build_trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -30,13 +31,13 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def vllm_run(tmp_path_factory):
+def vllm_run(tmp_path_factory, learning_task):
     """A GRPO run with vLLM rollouts on the learning-signal task, 4 optimizer steps per batch.
     Yields the config, the live trainer and the policy versions published during training."""
     out = tmp_path_factory.mktemp("vllm_run")
-    cfg = config_for_run("smoke", [*LEARNING_OVERRIDES, "rollout.backend=vllm", f"grpo.num_iterations={ITERATIONS}",
+    cfg = config_for_run("smoke", [*learning_task.overrides, "rollout.backend=vllm", f"grpo.num_iterations={ITERATIONS}",
                                    "grpo.max_steps=48"], str(out))
-    trainer, _ = build_trainer(cfg, StopRequest(), reward_funcs=[target_token_reward])
+    trainer, _ = build_trainer(cfg, StopRequest(), reward_funcs=[learning_task.reward])
     trainer.train()
     yield cfg, trainer, list(trainer.hot_swap.published_steps)
     trainer.close_rollout()
@@ -44,7 +45,7 @@ def vllm_run(tmp_path_factory):
 
 def test_learning_signal_with_vllm_rollouts(vllm_run):
     cfg, trainer, published = vllm_run
-    rewards = [r["reward"] for r in results.read_train_log(f"{cfg.output.dir}/{results.TRAIN_LOG_FILENAME}") if "reward" in r]
+    rewards = [r["reward"] for r in results.read_train_log(CellFolder(cfg.output.dir).train_log) if "reward" in r]
     fifth = len(rewards) // 5
     first, last = sum(rewards[:fifth]) / fifth, sum(rewards[-fifth:]) / fifth
     assert trainer.state.global_step == cfg.grpo.max_steps
@@ -93,7 +94,7 @@ def test_vllm_and_hf_evaluation_agree(vllm_run, tmp_path):
     by_backend = {}
     for generator_cls in (VLLMGenerator, HFGenerator):
         generator = generator_cls(eval_cfg, adapter)
-        by_backend[generator_cls.__name__] = evaluate_run(eval_cfg, adapter, generator=generator)
+        by_backend[generator_cls.__name__] = evaluate(eval_cfg, adapter, generator=generator)
         if hasattr(generator, "close"):
             generator.close()
     vllm_block, hf_block = by_backend["VLLMGenerator"], by_backend["HFGenerator"]

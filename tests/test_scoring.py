@@ -8,7 +8,8 @@ import pytest
 
 from nli_grpo.evaluate import main  # `python -m nli_grpo.evaluate --score`: the command line of scoring
 from nli_grpo.scoring import (
-    score_benchmark, score_file,
+    score_benchmark,
+    score_file,
 )
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nli_grpo import launch, results, status
-from nli_grpo.train import CHECKPOINTS_DIRNAME, last_complete_checkpoint
-from test_grid import load_sweep  # tests/ is on sys.path (rootdir-less test modules)
+from nli_grpo import manifest, results, slurm, status
+from nli_grpo.layout import CONFIG_SNAPSHOT_FILENAME, MANIFEST_FILENAME, RESULT_FILENAME, CellFolder
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -44,15 +43,14 @@ def wait_for(what, predicate, timeout, logs: Path | None = None):
 
 
 def queued(job_ids) -> dict:
-    return {j: s for j, s in launch.queued_jobs().items() if j in job_ids}
+    return {j: s for j, s in slurm.queued_jobs().items() if j in job_ids}
 
 
 def test_smoke_sweep_runs_as_one_array_to_completion_and_a_rerun_submits_nothing(tmp_path, job_env):
     done = sweep_command("--smoke", "--cluster", "slurm", "--partition", "gpu", "--results", str(tmp_path), *QUICK_EVAL, env=job_env)
     assert done.returncode == 0, done.stdout + done.stderr
     sweep_dir = tmp_path / "lora_rank-smoke"
-    manifest = launch.read_manifest(sweep_dir)
-    [submission] = manifest["submissions"]
+    [submission] = manifest.read_manifest(sweep_dir)["submissions"]
     jobs = submission["jobs"]
     assert sorted(jobs) == ["tiny__bf16__r16__s0", "tiny__bf16__r8__s0"]
     arrays = {j.split("_")[0] for j in jobs.values()}
@@ -60,12 +58,12 @@ def test_smoke_sweep_runs_as_one_array_to_completion_and_a_rerun_submits_nothing
     assert f"submitted 2 of 2 cells (slurm: {arrays.pop()})" in done.stdout
 
     def all_complete():
-        lines = status.sweep_status(sweep_dir, queue=launch.queued_jobs)
+        lines = status.sweep_status(sweep_dir, queue=slurm.queued_jobs)
         return all(s.state == "complete" for s in lines) and not queued(set(jobs.values())) and lines
     lines = wait_for("both cells complete", all_complete, 240, logs=sweep_dir / "logs")
     assert [(s.state, s.steps_done, s.max_steps) for s in lines] == [("complete", 12, 12)] * 2
     for cell_id, job_id in jobs.items():
-        doc = results.read_result(sweep_dir / cell_id / results.RESULT_FILENAME)  # validates the schema
+        doc = results.read_result(CellFolder(sweep_dir / cell_id).result)  # validates the schema
         assert doc["status"] == "complete" and doc["train"]["steps_done"] == 12 and set(doc["eval"]) == {"anli_r1", "hans_subsequence"}
         assert f"{doc['slurm']['array_job_id']}_{doc['slurm']['array_task_id']}" == job_id
         assert doc["slurm"]["attempts"] == 1 and doc["config"]["output"]["dir"] == str(sweep_dir / cell_id)
@@ -73,7 +71,7 @@ def test_smoke_sweep_runs_as_one_array_to_completion_and_a_rerun_submits_nothing
     again = sweep_command("--smoke", "--cluster", "slurm", "--partition", "gpu", "--results", str(tmp_path), *QUICK_EVAL, env=job_env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "nothing to submit" in again.stdout and again.stdout.count("skip: complete") == 2
-    assert len(launch.read_manifest(sweep_dir)["submissions"]) == 1
+    assert len(manifest.read_manifest(sweep_dir)["submissions"]) == 1
 
 
 def test_a_cell_survives_usr2_scontrol_requeue_and_preemption_and_finishes_exactly_once(tmp_path, job_env):
@@ -85,15 +83,15 @@ def test_a_cell_survives_usr2_scontrol_requeue_and_preemption_and_finishes_exact
     assert done.returncode == 0, done.stdout + done.stderr
     sweep_dir = tmp_path / "lora_rank-smoke"
     run_dir = sweep_dir / "tiny__bf16__r8__s0"
-    [job_id] = launch.read_manifest(sweep_dir)["submissions"][0]["jobs"].values()
+    [job_id] = manifest.read_manifest(sweep_dir)["submissions"][0]["jobs"].values()
     logs = sweep_dir / "logs"
 
     def saved_step():
-        checkpoint = last_complete_checkpoint(run_dir / CHECKPOINTS_DIRNAME)
+        checkpoint = CellFolder(run_dir).last_checkpoint()
         return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
 
     def attempts():
-        doc = results.load_existing(run_dir / results.RESULT_FILENAME)
+        doc = results.load_existing(CellFolder(run_dir).result)
         return doc["slurm"]["attempts"] if doc else 0
 
 
@@ -105,22 +103,24 @@ def test_a_cell_survives_usr2_scontrol_requeue_and_preemption_and_finishes_exact
     ]
     stopped_at = []
     for attempt, (what, command) in enumerate(interruptions, start=1):
-        wait_for(f"attempt {attempt} started before {what}", lambda: attempts() == attempt and queued({job_id}).get(job_id) == "RUNNING", 120, logs)
+        def running_again(attempt=attempt):
+            return attempts() == attempt and queued({job_id}).get(job_id) == "RUNNING"
+        wait_for(f"attempt {attempt} started before {what}", running_again, 120, logs)
         start = saved_step()
         # interrupt it while it trains: once it saved a checkpoint of its own
-        stopped_at.append(wait_for(f"attempt {attempt} saved a step after {start}", lambda: saved_step() > start and saved_step(), 120, logs))
+        stopped_at.append(wait_for(f"attempt {attempt} saved a step after {start}", lambda start=start: saved_step() > start and saved_step(), 120, logs))
         assert stopped_at[-1] < max_steps, "the run finished before it could be interrupted; make it longer"
         subprocess.run(command, check=True, capture_output=True, timeout=30)
 
     def finished():
-        doc = results.load_existing(run_dir / results.RESULT_FILENAME)
+        doc = results.load_existing(CellFolder(run_dir).result)
         return doc and doc["status"] == "complete" and not queued({job_id}) and doc
     doc = wait_for("the cell completes", finished, 240, logs)
     assert doc["train"]["steps_done"] == max_steps and doc["stages_done"] == ["train"]
     assert doc["slurm"]["attempts"] >= 4 and doc["train"]["resumed_from_step"] >= stopped_at[-1] > 0
     assert saved_step() == max_steps  # and never beyond: the log of every attempt stops there too
-    assert max(r["step"] for r in results.read_jsonl(run_dir / results.TRAIN_LOG_FILENAME)) <= max_steps
-    assert list(sweep_dir.glob(f"*/{results.RESULT_FILENAME}")) == [run_dir / results.RESULT_FILENAME]
+    assert max(r["step"] for r in results.read_jsonl(CellFolder(run_dir).train_log)) <= max_steps
+    assert list(sweep_dir.glob(f"*/{RESULT_FILENAME}")) == [CellFolder(run_dir).result]
 
     log_text = "".join(p.read_text() for p in sorted(logs.rglob("*_log.err")))
     resumed = [int(s) for s in re.findall(r"resuming from \S*checkpoint-(\d+)", log_text)]
@@ -129,7 +129,7 @@ def test_a_cell_survives_usr2_scontrol_requeue_and_preemption_and_finishes_exact
     # `scontrol requeue` calls no hook: that start resumed from disk alone
     assert log_text.count("forwarding SIGUSR2 to the training process") >= 2
     assert "this job is preempted" in log_text
-    assert status.sweep_status(sweep_dir, queue=launch.queued_jobs)[0].state == "complete"
+    assert status.sweep_status(sweep_dir, queue=slurm.queued_jobs)[0].state == "complete"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -141,7 +141,7 @@ def test_a_cell_survives_usr2_scontrol_requeue_and_preemption_and_finishes_exact
     (["--partition", "gpu", "--gpus-per-node", "8"], "asks for 8 GPUs per node; partition gpu has at most 4"),
     (["--partition", "gpu", "--results", "{blocker}/results"], "cannot be created: {blocker} is a file"),
 ], ids=["unknown-partition", "rank-0", "unknown-model", "awq-on-cpu-node", "too-many-gpus", "unwritable-results"])
-def test_bad_input_is_refused_before_anything_is_queued(tmp_path, capsys, argv, message):
+def test_bad_input_is_refused_before_anything_is_queued(tmp_path, capsys, argv, message, load_sweep):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     argv = [a.format(blocker=blocker) for a in argv]
@@ -154,4 +154,4 @@ def test_bad_input_is_refused_before_anything_is_queued(tmp_path, capsys, argv, 
     assert code == 2
     assert message.format(blocker=blocker) in out and "Nothing submitted" in out
     assert ours() == before == []
-    assert not list(tmp_path.rglob(launch.MANIFEST_FILENAME)) and not list(tmp_path.rglob(launch.CONFIG_FILENAME))
+    assert not list(tmp_path.rglob(MANIFEST_FILENAME)) and not list(tmp_path.rglob(CONFIG_SNAPSHOT_FILENAME))

@@ -1,0 +1,146 @@
+"""Tables as text: formatting a merged value, Markdown (the report on stdout), long-form CSV and
+LaTeX (booktabs) renderings of a `Table`, the whole report, and the table files on disk."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+
+from .collect import SkippedFile
+from .tables import MISSING, Stat, SweepResults, Table, column_label, slug
+
+FORMATS = ("md", "csv", "tex")
+AXIS_LABELS = {"quantization": "quant.", "lora_rank": "rank", "system": "system", "delta": "Δ"}
+
+
+def format_stat(stat: Stat) -> str:
+    """Percent with 2 decimals like the paper; `± std` when several seeds; signed for deltas."""
+    if stat.state != "ok":
+        return "—" if stat.state == MISSING else stat.state
+    if stat.kind == "delta":
+        return f"{100 * stat.mean:+.2f}"
+    text = f"{100 * stat.mean:.2f}"
+    return text + (f" ± {100 * stat.std:.2f}" if stat.std is not None else "")
+
+
+_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                   "±": r"$\pm$", "−": r"$-$", "—": "---", "Δ": r"$\Delta$"}
+
+
+_LATEX_TRANSLATION = str.maketrans(_LATEX_SPECIALS)
+
+
+def latex_escape(text: str) -> str:
+    return text.translate(_LATEX_TRANSLATION)
+
+
+def display_cells(table: Table, style: str = "md") -> tuple[list[str], list[list[str]]]:
+    """Header and rows as text, best values in bold (`**` for Markdown, `\\textbf` for LaTeX)."""
+    escape = latex_escape if style == "tex" else str
+
+    def cell(stat: Stat) -> str:
+        text = escape(format_stat(stat))
+        if not stat.best:
+            return text
+        return f"\\textbf{{{text}}}" if style == "tex" else f"**{text}**"
+
+    headers = [AXIS_LABELS.get(a, a) for a in table.label_columns] + [column_label(c) for c in table.columns] + ["runs"]
+    rows = [[escape(row.labels.get(a, "")) for a in table.label_columns]
+            + [cell(row.cells[c]) for c in table.columns] + [escape(row.runs)]
+            for row in table.rows]
+    return [escape(h) for h in headers], rows
+
+
+CSV_FIELDS = ("column", "mean", "std", "n", "state", "kind", "best", "display", "runs", "source")
+
+
+def long_records(table: Table) -> list[dict]:
+    """One CSV line per table cell: labels, column, mean/std as fractions, n, state, best flag."""
+    return [
+        {**{a: row.labels.get(a, "") for a in table.label_columns}, "column": column, "mean": stat.mean,
+         "std": stat.std, "n": stat.n, "state": stat.state, "kind": stat.kind, "best": stat.best,
+         "display": format_stat(stat), "runs": row.runs, "source": row.source}
+        for row in table.rows for column, stat in ((c, row.cells[c]) for c in table.columns)
+    ]
+
+
+def table_csv(table: Table) -> str:
+    fields = [*table.label_columns, *CSV_FIELDS]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")  # plain rows: DictWriter costs 2x on big sweeps
+    writer.writerow(fields)
+    writer.writerows([record[f] for f in fields] for record in long_records(table))
+    return out.getvalue()
+
+
+def _caption(table: Table) -> str:
+    fixed = ", ".join(f"{AXIS_LABELS.get(a, a)} = {v}" for a, v in table.fixed.items())
+    return table.title + (f" ({fixed})" if fixed else "")
+
+
+def table_markdown(table: Table) -> str:
+    """A pipe table (labels left-aligned, numbers right-aligned, padded for reading in a terminal),
+    preceded by its caption and followed by the sources of its reference rows."""
+    headers, rows = display_cells(table, "md")
+    right = [False] * len(table.label_columns) + [True] * len(table.columns) + [False]
+    widths = [max(len(text) for text in column) for column in zip(headers, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if r else ":" + "-" * (w + 1) for w, r in zip(widths, right)) + "|"
+    notes = "".join(f"\n- {r.labels['system']}: {r.source}" for r in table.rows if r.source)
+    return "\n".join([f"### {_caption(table)}", "", line(headers), rule, *map(line, rows), ""]) + (
+        f"\nReference rows:{notes}\n" if notes else "")
+
+
+def table_latex(table: Table, sweep: str) -> str:
+    """A booktabs table float (needs \\usepackage{booktabs}); reference sources as comments."""
+    headers, rows = display_cells(table, "tex")
+    columns = "l" * len(table.label_columns) + "r" * len(table.columns) + "l"
+    return "\n".join([
+        f"% {sweep}: {table.title}; best per column in bold. Needs \\usepackage{{booktabs}}.",
+        *(f"% {r.labels['system']}: {r.source}" for r in table.rows if r.source),
+        "\\begin{table}", "\\centering", f"\\caption{{{latex_escape(_caption(table))}}}",
+        f"\\label{{tab:{sweep}-{table.name}}}", f"\\begin{{tabular}}{{{columns}}}", "\\toprule",
+        " & ".join(headers) + " \\\\", "\\midrule", *(" & ".join(r) + " \\\\" for r in rows),
+        "\\bottomrule", "\\end{tabular}", "\\end{table}", ""])
+
+
+def render_report(sweep_tables: list[tuple[SweepResults, list[Table]]], n_read: int, skipped: list[SkippedFile],
+                  metric: str) -> str:
+    """The whole Markdown report (what goes to stdout and tables/report.md)."""
+    lines = [f"# nli_grpo results: `{metric}`", "",
+             ("Values in % (mean ± sample std over complete seeds; `runs` = complete/expected seeds). "
+              "Best per column in **bold**; — = no result; running/preempted/failed = no complete seed yet; "
+              "no parse = evaluated, but no completion had a parseable answer."),
+             "", f"{n_read} result files read" + (f", {len(skipped)} skipped (listed on stderr)." if skipped else "."),
+             ""]
+    for sweep, tables in sweep_tables:
+        lines += [f"## Sweep `{sweep.name}`", ""]
+        lines += [table_markdown(t) for t in tables]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_tables(sweep_tables: list[tuple[SweepResults, list[Table]]], out_dir: Path, formats: Iterable[str],
+                 report: str) -> list[Path]:
+    """`<out_dir>/<sweep>/<table>.{md,csv,tex}` for each requested format, plus report.md."""
+    written = []
+    for sweep, tables in sweep_tables:
+        folder = out_dir / slug(sweep.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        renderers = {"md": table_markdown, "csv": table_csv, "tex": partial(table_latex, sweep=sweep.name)}
+        for table in tables:
+            for fmt in formats:
+                path = folder / f"{table.name}.{fmt}"
+                path.write_text(renderers[fmt](table))
+                written.append(path)
+    if "md" in formats:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "report.md").write_text(report)
+        written.append(out_dir / "report.md")
+    return written

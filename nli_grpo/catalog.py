@@ -1,0 +1,103 @@
+"""The model catalogue, without torch: which checkpoints the grids use, their shapes, short names,
+and the local stand-ins that need no download (`tiny`, `random:<shape>`).
+
+The login side (sweeps, the memory-fit check, status, aggregate) reads model facts from here;
+`nli_grpo.models` builds and loads the models themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+#: Public config.json shapes of the Qwen2.5 Instruct checkpoints (paper-facts.md).
+QWEN25_SHAPES = {
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
+    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8),
+    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8),
+}
+QWEN25_COMMON = dict(
+    vocab_size=152064, hidden_act="silu", rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+)
+# Head dim 64: vLLM's CPU attention rejects 16 (platform-notes.md).
+# initializer_range 0.1 (Qwen: 0.02) gives the tiny model peaked, not uniform, next-token
+# distributions, so a few LoRA updates visibly move what it samples (the learning-signal test).
+TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, initializer_range=0.1)
+TINY_VOCAB_SIZE = 512
+#: Bumped whenever the tiny model or its tokenizer changes, so caches rebuild.
+TINY_VERSION = 2
+#: Written into a stand-in model's folder: what it is (its name, random weights).
+STAND_IN_FILENAME = "nli_grpo_stand_in.json"
+#: Checkpoint suffix per quantization: AWQ needs the pre-quantised checkpoint; bnb-4bit quantises
+#: the unquantised one at load time.
+_CHECKPOINT_SUFFIX = {"bf16": "", "awq": "-AWQ", "bnb4": ""}
+
+
+def qwen_checkpoint(size: str, quantization: str) -> str:
+    """The Qwen2.5-Instruct checkpoint of a size (`7b`, `14b`, `32b`) for a quantization."""
+    return f"Qwen/Qwen2.5-{size.upper()}-Instruct{_CHECKPOINT_SUFFIX[quantization]}"
+
+
+def stand_in_shape(name_or_path: str) -> str | None:
+    """`tiny` -> `tiny`, `random:qwen2.5-7b` -> `qwen2.5-7b`; None for a real checkpoint. Raises
+    ValueError for a `random:` shape that does not exist."""
+    if name_or_path == "tiny":
+        return "tiny"
+    if not name_or_path.startswith("random:"):
+        return None
+    shape = name_or_path.split(":", 1)[1]
+    if shape not in QWEN25_SHAPES:
+        raise ValueError(f"unknown random model shape {shape!r}; choose one of: {', '.join(QWEN25_SHAPES)}")
+    return shape
+
+
+def model_key(name_or_path: str) -> str:
+    """Short model name for cell ids and tables: `Qwen/Qwen2.5-7B-Instruct-AWQ` -> `qwen2.5-7b`."""
+    if name_or_path == "tiny":
+        return "tiny"
+    if name_or_path.startswith("random:"):
+        return name_or_path.split(":", 1)[1] + "-random"
+    name = Path(name_or_path.rstrip("/")).name.lower()
+    for suffix in ("-awq", "-gptq-int4", "-bnb-4bit", "-instruct"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def default_quantization(name_or_path: str) -> str:
+    """What a checkpoint name implies when the user gives no quantization: `awq` for a
+    pre-quantised AWQ checkpoint (`...-AWQ`), else `bf16`."""
+    return "awq" if "awq" in Path(name_or_path.rstrip("/")).name.lower() else "bf16"
+
+
+def model_shape(name_or_path: str) -> dict | None:
+    """hidden / intermediate / layers / heads / kv heads / vocab of a model, without loading it:
+    known Qwen2.5 shapes, the tiny stand-in, or a local folder's config.json; None if unknown."""
+    if name_or_path == "tiny":
+        return {**TINY_SHAPE, "vocab_size": TINY_VOCAB_SIZE}
+    key = model_key(name_or_path).removesuffix("-random")
+    if key in QWEN25_SHAPES:
+        return {**QWEN25_SHAPES[key], "vocab_size": QWEN25_COMMON["vocab_size"]}
+    config = Path(name_or_path) / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text())
+    return None
+
+
+def cache_dir() -> Path:
+    """Where stand-in models are built: $NLI_GRPO_CACHE, else ~/.cache/nli_grpo."""
+    return Path(os.environ.get("NLI_GRPO_CACHE", Path.home() / ".cache" / "nli_grpo"))
+
+
+def adapter_base_model(adapter: Path) -> str | None:
+    """The base model a PEFT adapter was trained on (`base_model_name_or_path` of its
+    adapter_config.json), as a model name: a stand-in built in the cache is named as such (`tiny`,
+    `random:qwen2.5-7b`) rather than by its cache folder. None when not recorded."""
+    base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    stand_in = Path(base, STAND_IN_FILENAME) if base else None
+    if stand_in is not None and stand_in.is_file():
+        name = json.loads(stand_in.read_text())["name"]
+        return name if name == "tiny" else f"random:{name}"
+    return base

@@ -1,0 +1,242 @@
+"""The cell job: one grid cell from its config to its result.json, read top to bottom in `run`.
+
+    cfg = config_for_run("paper", ["lora.rank=16", "seed=22"])
+    exit_code = run(cfg)
+
+Stages: training (`nli_grpo.training`, unless zero-shot) then evaluation (`nli_grpo.evaluation`);
+each returns its results and this module alone writes them into result.json (`RunRecord`). The
+rules a restart follows live here too:
+- a stage that finished is never redone; an evaluation keeps the sets it finished;
+- training resumes from the last complete checkpoint (nli_grpo.layout);
+- a run folder holding work done with other settings is refused (`claim_run_dir`), unless forced,
+  which moves that work aside: the train and evaluate commands and the sweeps share this rule;
+- SIGUSR2 (Slurm's warning before a time limit or preemption) and SIGTERM make the job save a
+  checkpoint after the current step and exit with EXIT_PREEMPTED, status `preempted`;
+- a training process killed by a signal is recorded by its parent (`record_signal_death`).
+
+Nothing heavy is imported at module level: the login side (sweep, launch, status) uses the
+config, the conflict rule and the exit codes without torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from . import results
+from .config import ExperimentConfig, load_config
+from .grid import cell_from_config, cell_id
+from .layout import CellFolder, result_document
+from .process import StopRequest, is_main_process
+
+log = logging.getLogger("nli_grpo.job")
+
+#: Exit code of a run stopped by a signal after saving (EX_TEMPFAIL: "try again").
+EXIT_PREEMPTED = 75
+#: Exit code of a run refused before it started (bad config, conflicting run folder): never retried.
+EXIT_REFUSED = 2
+#: Config sections a stage depends on: work a stage left on disk belongs to these settings.
+STAGE_INPUTS = {"train": ("stage", "seed", "model", "lora", "grpo", "rollout", "data")}
+STAGE_INPUTS["eval"] = (*STAGE_INPUTS["train"], "eval")
+
+
+def config_for_run(recipe: str, overrides: list[str], output_dir: str | None = None) -> ExperimentConfig:
+    """Load the recipe and give the run its sweep folder and cell id when not set explicitly."""
+    cfg = load_config(recipe, overrides)
+    given = {o.split("=", 1)[0] for o in overrides}
+    if "output.cell_id" not in given:
+        cfg.output.cell_id = cell_id(cell_from_config(cfg))
+    if output_dir:
+        cfg.output.dir = output_dir
+    elif "output.dir" not in given:
+        cfg.output.dir = str(Path("results") / cfg.output.sweep / cfg.output.cell_id)
+    return cfg
+
+
+# --------------------------------------------------------------------------- may this run continue the folder?
+def changed_inputs(before: dict, now: dict, stage: str) -> list[str]:
+    """Config sections (of two `to_dict()` configs) that `stage` depends on and that differ."""
+    return [key for key in STAGE_INPUTS[stage] if before.get(key) != now.get(key)]
+
+
+def stages_on_disk(folder: CellFolder, previous: dict) -> list[str]:
+    """The stages that left work in the folder: training (a checkpoint, a finished training, the
+    adapter) and evaluation (an evaluated set, a predictions file)."""
+    found = []
+    if "train" in previous.get("stages_done", []) or folder.adapter.is_dir() or folder.checkpoint_folders():
+        found.append("train")
+    if previous.get("eval") or (folder.predictions_dir.is_dir() and any(folder.predictions_dir.iterdir())):
+        found.append("eval")
+    return found
+
+
+def recorded_config(folder: CellFolder, previous: dict) -> dict | None:
+    """The settings the work in the folder was done with: result.json's, else the sweep's config
+    snapshot; None when neither can be read."""
+    if previous.get("config") is not None:
+        return previous["config"]
+    if not folder.config_snapshot.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    from .config import ConfigError, config_from_dict
+
+    try:
+        return config_from_dict(OmegaConf.to_container(OmegaConf.load(folder.config_snapshot))).to_dict()
+    except ConfigError:
+        return None
+
+
+def conflicting_inputs(run_dir: str | os.PathLike, config: dict, adapter: str | None = None) -> list[str]:
+    """Why `config` cannot continue the run in `run_dir`: the config sections (and the evaluated
+    adapter) that differ from those of the work already there. Continuing would mix two
+    experiments (a "resume" from checkpoints trained with other settings, or predictions of
+    another model), so the train and evaluate commands and the sweep all refuse it."""
+    folder = CellFolder(run_dir)
+    previous = results.load_existing(folder.result) or {}
+    stages = stages_on_disk(folder, previous)
+    if not stages:
+        return []
+    before = recorded_config(folder, previous)
+    if before is None:
+        return ["unknown (no readable result.json or config snapshot beside its work)"]
+    changed = dict.fromkeys(key for stage in stages for key in changed_inputs(before, config, stage))
+    if "eval" in stages and adapter is not None and previous.get("adapter") not in (None, adapter):
+        changed["adapter"] = None
+    return list(changed)
+
+
+class RunConflict(RuntimeError):
+    """The run folder holds work done with other settings; the message says how to start afresh."""
+
+
+def claim_run_dir(cfg: ExperimentConfig, adapter: Path | None = None, force: bool = False) -> None:
+    """Make sure the run folder can take this run: refuse (RunConflict) when it holds work done
+    with other settings, unless `force`, which moves that work aside (nothing is deleted)."""
+    folder = CellFolder(cfg.output.dir)
+    conflicts = conflicting_inputs(folder.path, cfg.to_dict(), adapter=str(adapter) if adapter else None)
+    if not conflicts:
+        return
+    if not force:
+        raise RunConflict(
+            f"{folder.path} holds a run done with other settings ({', '.join(conflicts)}); continuing it would mix two "
+            "experiments. Rerun with the settings it was started with, choose another output folder, or add --force "
+            f"to move it to {folder.path.parent / '.replaced'}/ and start afresh (nothing is deleted).")
+    if is_main_process():
+        log.warning("--force: moved the earlier run (other %s) to %s", ", ".join(conflicts), folder.move_aside())
+
+
+# --------------------------------------------------------------------------- the run record
+def slurm_info(previous: dict | None) -> dict:
+    """Slurm identity of this attempt; `attempts` counts every start of the run."""
+    env = os.environ
+    info = dict(previous or {})
+    info.update({
+        "job_id": env.get("SLURM_JOB_ID"),
+        "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+        "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
+        "restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
+        "node": env.get("SLURMD_NODENAME"),
+        "attempts": int(info.get("attempts", 0)) + 1,
+    })
+    return info
+
+
+class RunRecord:
+    """The run's result.json, rewritten atomically on every change (by the main process only).
+    The caller has claimed the folder (`claim_run_dir`): every stage finished on disk is kept."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.path = CellFolder(cfg.output.dir).result
+        previous = results.load_existing(self.path) or {}
+        stages = previous.get("stages_done", [])
+        self.doc = result_document(
+            cfg, slurm=slurm_info(previous.get("slurm")),
+            adapter=previous.get("adapter"),  # set by `nli_grpo.evaluate --adapter`
+            train=previous.get("train") if "train" in stages else None,
+            eval=previous.get("eval", {}),  # sets finished by an interrupted evaluation are kept
+            stages_done=stages, created_at=previous.get("created_at", results.now_iso()))
+
+    @property
+    def attempt(self) -> int:
+        return self.doc["slurm"]["attempts"]
+
+    def update(self, **fields) -> None:
+        self.doc.update(fields, updated_at=results.now_iso())
+        if is_main_process():
+            results.atomic_write_json(self.path, self.doc)
+
+    def stage_done(self, stage: str) -> bool:
+        return stage in self.doc["stages_done"]
+
+    def mark_stage_done(self, stage: str, **fields) -> None:
+        self.update(stages_done=[*self.doc["stages_done"], stage], **fields)
+
+
+def record_signal_death(run_dir: str | os.PathLike, signal_name: str, retries_used: int, retries: int, retrying: bool) -> str:
+    """Record in result.json that the training process was killed by a signal (it could not say
+    so itself): in `slurm.deaths`, and, when no retry is left, as the run's failure (status
+    `failed`, the signal and the last step on disk). Called by the process that started it
+    (launch.CellJob). Returns the message."""
+    folder = CellFolder(run_dir)
+    step = folder.last_step_on_disk()
+    message = (f"training process killed by {signal_name} with step {step} on disk (the OOM killer, or a node fault? "
+               "see the job's log, `sacct -j <job> -o JobID,State,MaxRSS` and dmesg); "
+               + (f"restarting it from there (retry {retries_used + 1} of {retries})" if retrying else
+                  f"not restarted: {retries} retr{'y' if retries == 1 else 'ies'} used (sweep --retries)"))
+    doc = results.load_existing(folder.result)
+    if doc is None:  # killed before it wrote anything: nothing started that could be recorded
+        return message
+    death = {"signal": signal_name, "step_on_disk": step, "at": results.now_iso(), "retried": retrying}
+    doc["slurm"]["deaths"] = [*doc["slurm"].get("deaths", []), death]
+    if not retrying:
+        doc.update(status="failed", error=message, failure={"exit_signal": signal_name, "last_step_on_disk": step})
+    doc["updated_at"] = results.now_iso()
+    results.atomic_write_json(folder.result, doc)
+    return message
+
+
+# --------------------------------------------------------------------------- the job
+def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None, force: bool = False) -> int:
+    """The whole job for one cell: train (unless zero-shot or already done), then evaluate
+    (if configured and not done). `adapter`: evaluate this trained adapter instead of training
+    one (`nli_grpo.evaluate --adapter`). `force`: start afresh where the run folder holds work
+    done with other settings (else RunConflict). Returns the process exit code."""
+    adapter = adapter.resolve() if adapter is not None else None
+    claim_run_dir(cfg, adapter, force)
+    stop = StopRequest()
+    stop.install()
+    record = RunRecord(cfg)
+    if adapter is not None:
+        record.doc["adapter"] = str(adapter)
+    record.update()
+    try:
+        if cfg.stage == "grpo" and adapter is None and not record.stage_done("train"):
+            from .models import describe
+            from .training import train
+
+            record.update(model=describe(cfg))
+            outcome = train(cfg, stop, attempt=record.attempt, reward_funcs=reward_funcs)
+            if not outcome.finished:
+                record.update(status="preempted", train=outcome.summary)
+                return EXIT_PREEMPTED
+            record.mark_stage_done("train", train=outcome.summary)
+        if not is_main_process():
+            return 0  # evaluation runs once, on rank 0
+        if cfg.eval.after_training and not record.stage_done("eval"):
+            from .evaluation import evaluate
+
+            if adapter is None and cfg.stage == "grpo":
+                adapter = CellFolder(cfg.output.dir).adapter
+            evaluation = evaluate(cfg, adapter=adapter, stop=stop, done=record.doc["eval"],
+                                  on_set_done=lambda block: record.update(eval=block))
+            if evaluation is None:
+                record.update(status="preempted")
+                return EXIT_PREEMPTED
+            record.mark_stage_done("eval", eval=evaluation)
+        record.update(status="complete")
+        return 0
+    except BaseException as err:
+        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+        raise

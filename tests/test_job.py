@@ -1,0 +1,184 @@
+"""The cell job (nli_grpo.job) for real on the CPU through `python -m nli_grpo.train`: the tiny
+Qwen2, real TRL/PEFT, the shipped sample data. Resume after SIGKILL and USR2, the rule that
+refuses a run folder holding other settings, stages that are never redone."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nli_grpo import results
+from nli_grpo.data import BENCHMARK_NAMES
+from nli_grpo.job import EXIT_PREEMPTED
+from nli_grpo.layout import COMPLETE_MARKER, TRAIN_LOG_FILENAME
+
+
+def _job(out: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "nli_grpo.train", "--config", "smoke", f"output.dir={out}", *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, min_step: int, timeout: float = 240) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"job ended early: {proc.stderr.read()[-3000:]}"
+        done = [int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob(f"checkpoint-*/{COMPLETE_MARKER}")]
+        if done and max(done) >= min_step:
+            return max(done)
+        time.sleep(0.2)
+    raise AssertionError(f"no complete checkpoint >= {min_step} within {timeout}s")
+
+
+@pytest.mark.slow
+def test_smoke_recipe_trains_and_evaluates_all_13_sets(tmp_path):
+    out = tmp_path / "smoke"
+    proc = subprocess.run([sys.executable, "-m", "nli_grpo.train", "--config", "smoke", "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = results.read_result(out / "result.json")
+    assert doc["status"] == "complete" and doc["stages_done"] == ["train", "eval"]
+    assert doc["train"]["steps_done"] == doc["config"]["grpo"]["max_steps"] == 12
+    assert doc["cell"] == {"model": "tiny", "quantization": "bf16", "lora_rank": 8, "seed": 0, "stage": "grpo", "rollout": "hf"}
+    assert doc["config"]["grpo"]["beta"] == 0.01 and doc["versions"]["trl"]
+    assert {k: doc["model"][k] for k in ("dtype", "bf16", "fp16")} == {"dtype": "float32", "bf16": False, "fp16": False}
+    assert doc["train"]["tokens_per_s"] > 0 and doc["train"]["peak_memory_gb"] > 0
+    assert sorted(doc["eval"]) == sorted(BENCHMARK_NAMES)
+    assert all(len(results.read_jsonl(out / "train_log.jsonl")) > 0 for _ in [0])
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "predictions" / "hans_subsequence.jsonl.gz").is_file()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    overrides = ("grpo.save_steps=2", "eval.after_training=false")
+    proc = _job(out, *overrides)
+    reached = _wait_for_checkpoint(out, proc, min_step=4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # What a save killed half-way leaves behind: a newer folder without the completion marker.
+    torn = out / "checkpoints" / f"checkpoint-{reached + 1}"
+    torn.mkdir(exist_ok=True)
+    (torn / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+    assert results.read_result(out / "result.json")["status"] == "running"
+
+    proc = _job(out, *overrides)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    doc = results.read_result(out / "result.json")
+    assert doc["status"] == "complete"
+    assert doc["train"]["steps_done"] == 12
+    assert doc["train"]["resumed_from_step"] >= reached >= 4
+    assert doc["slurm"]["attempts"] == 2
+    assert not torn.exists()
+
+
+@pytest.mark.slow
+def test_usr2_checkpoints_exits_preempted_and_the_rerun_completes(tmp_path):
+    out = tmp_path / "run"
+    overrides = ("grpo.save_steps=100", "eval.after_training=false")
+    proc = _job(out, *overrides)
+    deadline = time.time() + 240
+    while not results.read_jsonl(out / TRAIN_LOG_FILENAME):  # training has started
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_PREEMPTED, err[-4000:]
+    doc = results.read_result(out / "result.json")
+    assert doc["status"] == "preempted"
+    stopped_at = doc["train"]["steps_done"]
+    assert 0 < stopped_at < 12
+    # The signal forced a save although save_steps is 100.
+    assert (out / "checkpoints" / f"checkpoint-{stopped_at}" / COMPLETE_MARKER).exists()
+
+    proc = _job(out, *overrides)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    doc = results.read_result(out / "result.json")
+    assert doc["status"] == "complete"
+    assert doc["train"]["steps_done"] == 12 and doc["train"]["resumed_from_step"] == stopped_at
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nli_grpo.train", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_rerun_with_other_settings_is_refused_and_force_moves_the_old_run_aside(tmp_path):
+    out = tmp_path / "run"
+    # overrides on both sides of the options (argparse's intermixed parsing)
+    first = _cli("--config", "smoke", "grpo.max_steps=4", "--output-dir", str(out), "eval.after_training=false")
+    assert first.returncode == 0, first.stderr[-3000:]
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    other = _cli("--config", "smoke", "grpo.max_steps=4", "eval.after_training=false", "grpo.learning_rate=0.5",
+                 "grpo.beta=0.2", "--output-dir", str(out))
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert "other settings (grpo)" in other.stderr and "--force" in other.stderr
+    doc = results.read_result(out / "result.json")  # untouched: the old settings, the old adapter
+    assert doc["config"]["grpo"]["learning_rate"] == 1e-4 and doc["slurm"]["attempts"] == 1
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+    same = _cli("--config", "smoke", "grpo.max_steps=4", "eval.after_training=false", "--output-dir", str(out))
+    assert same.returncode == 0 and results.read_result(out / "result.json")["slurm"]["attempts"] == 2
+
+    forced = _cli("--config", "smoke", "grpo.max_steps=4", "eval.after_training=false", "grpo.learning_rate=0.5",
+                  "grpo.beta=0.2", "--output-dir", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    doc = results.read_result(out / "result.json")
+    assert doc["config"]["grpo"]["learning_rate"] == 0.5 and doc["slurm"]["attempts"] == 1
+    assert doc["train"]["steps_done"] == 4 and doc["train"]["resumed_from_step"] == 0
+    (old,) = (tmp_path / ".replaced").iterdir()
+    assert (old / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert results.read_result(old / "result.json")["config"]["grpo"]["learning_rate"] == 1e-4
+
+
+def test_which_settings_conflict_with_the_work_in_a_run_folder(tmp_path):
+    from nli_grpo.config import load_config
+    from nli_grpo.job import RunRecord, config_for_run, conflicting_inputs
+
+    cfg = config_for_run("smoke", [], str(tmp_path / "run"))
+    assert conflicting_inputs(tmp_path / "run", cfg.to_dict()) == []  # nothing there yet
+    RunRecord(cfg).update()
+    assert conflicting_inputs(tmp_path / "run", load_config("smoke", ["grpo.beta=0.5"]).to_dict()) == []  # no work done
+    (tmp_path / "run" / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    assert conflicting_inputs(tmp_path / "run", load_config("smoke", ["grpo.beta=0.5"]).to_dict()) == ["grpo"]
+    # evaluation settings only matter once a set was evaluated; time and memory never do
+    assert conflicting_inputs(tmp_path / "run", load_config("smoke", ["eval.limit=3", "resources.mem_gb=99"]).to_dict()) == []
+    record = RunRecord(cfg)
+    record.update(eval={"anli_r1": {"accuracy": 0.5, "accuracy_strict": 0.5, "unparseable_rate": 0.0, "n": 2}})
+    assert conflicting_inputs(tmp_path / "run", load_config("smoke", ["eval.limit=3"]).to_dict()) == ["eval"]
+    assert conflicting_inputs(tmp_path / "run", cfg.to_dict(), adapter="/elsewhere/adapter") == []  # none recorded yet
+    record.update(adapter="/some/adapter")
+    assert conflicting_inputs(tmp_path / "run", cfg.to_dict(), adapter="/elsewhere/adapter") == ["adapter"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_at_max_steps_takes_no_step_on_restart(tmp_path):
+    """The job saved its last checkpoint and died before recording the stage: the restart
+    finishes the stage from that checkpoint without training a step more."""
+    out = tmp_path / "run"
+    proc = _cli("--config", "smoke", "grpo.max_steps=4", "grpo.save_steps=2", "eval.after_training=false", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = results.read_result(out / "result.json")
+    doc.update(status="running", stages_done=[], train=None)  # as if killed right after the save
+    results.atomic_write_json(out / "result.json", doc)
+    shutil.rmtree(out / "adapter")
+    log_lines = len(results.read_jsonl(out / TRAIN_LOG_FILENAME))
+
+    proc = _cli("--config", "smoke", "grpo.max_steps=4", "grpo.save_steps=2", "eval.after_training=false", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = results.read_result(out / "result.json")
+    assert doc["status"] == "complete" and doc["train"]["steps_done"] == 4 and doc["train"]["resumed_from_step"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert len(results.read_jsonl(out / TRAIN_LOG_FILENAME)) == log_lines  # no step logged again
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
+    assert (out / "adapter" / "tokenizer.json").is_file() and not (out / "adapter" / "optimizer.pt").exists()
