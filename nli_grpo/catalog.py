@@ -8,7 +8,6 @@ The login side (sweeps, the memory-fit check, status, aggregate) reads model fac
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 #: Public config.json shapes of the Qwen2.5 Instruct checkpoints (paper-facts.md).
@@ -84,11 +83,6 @@ def model_shape(name_or_path: str) -> dict | None:
     if config.is_file():
         return json.loads(config.read_text())
     return None
-
-
-def cache_dir() -> Path:
-    """Where stand-in models are built: $NLI_GRPO_CACHE, else ~/.cache/nli_grpo."""
-    return Path(os.environ.get("NLI_GRPO_CACHE", Path.home() / ".cache" / "nli_grpo"))
 
 
 def adapter_base_model(adapter: Path) -> str | None:

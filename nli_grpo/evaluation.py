@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .config import ExperimentConfig
-from .data import load_benchmark
+from .data import fingerprint, load_benchmark
 from .layout import CellFolder
 from .prompts import render_prompt
 
@@ -175,7 +175,8 @@ def evaluate(cfg: ExperimentConfig, adapter: Path | None, stop=None, generator=N
             completions = generator.generate(prompts, desc=name)
             groups = {c: list(ds[c]) for c in GROUP_FIELDS if c in ds.column_names}
             entry = score_benchmark(name, ds["label"], completions, groups or None)
-            entry.update(source=bench.source, n_dropped=bench.n_dropped, seconds=round(time.time() - started, 2))
+            entry.update(source=bench.source, n_dropped=bench.n_dropped, fingerprint=fingerprint(ds),
+                         seconds=round(time.time() - started, 2))
             records = prediction_records(name, ds["id"], ds["label"], completions, groups or None)
             write_predictions(CellFolder(cfg.output.dir).predictions(name), records)
             block[name] = entry

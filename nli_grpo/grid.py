@@ -8,8 +8,10 @@ import itertools
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .catalog import model_key, model_shape, qwen_checkpoint
+from . import cache
+from .catalog import model_key, model_shape, qwen_checkpoint, stand_in_shape
 from .config import ExperimentConfig
 
 
@@ -157,6 +159,30 @@ def capability_problems(cfg: ExperimentConfig) -> list[str]:
             problems.append(f"{what}=vllm needs vLLM installed (pip install 'nli_grpo[gpu]'), or set {what}=hf")
     if cfg.stage == "zero_shot" and not cfg.eval.after_training:
         problems.append("stage=zero_shot only evaluates; it needs eval.after_training=true")
+    return problems
+
+
+# --------------------------------------------------------------------------- inputs on disk
+def input_problems(cfg: ExperimentConfig, online: bool = False) -> list[str]:
+    """Inputs of a cell that its job could not find: jobs run offline (HF_HUB_OFFLINE) against the
+    prepared cache, so a hub model must be there (or a local folder), and every dataset the cell
+    reads must be a local file or prepared. With `online` (the nodes reach the hub), only what the
+    hub cannot provide counts (the hard pool). Empty when the job has everything it needs."""
+    from .data import BENCHMARKS, TRAIN_SOURCES, local_file
+
+    problems = []
+    name = cfg.model.name_or_path
+    if not online and stand_in_shape(name) is None and not Path(name).is_dir() and not cache.prepared_model(name, cfg.model.revision):
+        at = f" at revision {cfg.model.revision}" if cfg.model.revision else ""
+        problems.append(f"model {name}{at} is not in the cache {cache.hub_cache_dir()} (jobs run offline)")
+    specs = [BENCHMARKS[b] for b in cfg.eval.benchmarks] if cfg.eval.after_training else []
+    if cfg.stage == "grpo":
+        specs.append(TRAIN_SOURCES[cfg.data.train_source])
+    missing = [s.name for s in specs if local_file(s, cfg.data.local_dir, cfg.data.files) is None
+               and (not online or s.hub_id is None)]
+    if missing:
+        where = f"data.local_dir={cfg.data.local_dir}" if cfg.data.local_dir else "no data.local_dir"
+        problems.append(f"data not found locally ({where}) nor in the prepared cache {cache.data_dir()}: {', '.join(missing)}")
     return problems
 
 

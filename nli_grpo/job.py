@@ -212,11 +212,12 @@ def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None, f
         record.doc["adapter"] = str(adapter)
     record.update()
     try:
+        from .models import describe
+
+        record.update(model=describe(cfg))  # its path, revision (what a number was computed with) and precision
         if cfg.stage == "grpo" and adapter is None and not record.stage_done("train"):
-            from .models import describe
             from .training import train
 
-            record.update(model=describe(cfg))
             outcome = train(cfg, stop, attempt=record.attempt, reward_funcs=reward_funcs)
             if not outcome.finished:
                 record.update(status="preempted", train=outcome.summary)

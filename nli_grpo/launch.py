@@ -32,7 +32,7 @@ from pathlib import Path
 
 import submitit
 
-from . import results
+from . import cache, results
 from .config import ResourcesConfig
 from .layout import CellFolder
 
@@ -60,13 +60,14 @@ class CellJob:
     the same inputs would fail the same way."""
 
     def __init__(self, command: list[str], run_dir: str, stop_timeout_s: float, threads: int = 1, gpus: int = 1,
-                 retries: int = DEFAULT_RETRIES):
+                 retries: int = DEFAULT_RETRIES, online: bool = False):
         self.command = command
         self.run_dir = run_dir
         self.stop_timeout_s = stop_timeout_s
         self.threads = threads
         self.gpus = gpus
         self.retries = retries
+        self.online = online
         self.starts = 0
         self._child: subprocess.Popen | None = None
         self._torchrun = False
@@ -109,11 +110,16 @@ class CellJob:
             command = with_torchrun(command, min(self.gpus, devices))
         log.info("starting %s", shlex.join(command))
         # torch otherwise starts a thread per core of the node: oversubscribed on shared nodes
-        threads = {k: str(self.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k not in os.environ}
+        env = {k: str(self.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k not in os.environ}
+        # The prepared cache, offline: a hub outage or a changed upstream file cannot change a
+        # running sweep, and a missing input fails at once instead of downloading on a node.
+        env["HF_HUB_CACHE"] = str(cache.hub_cache_dir())
+        if not self.online:
+            env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         # USR2 starts ignored: torchrun would die of it (it handles only SIGTERM/SIGINT), while
         # the training processes install their own handler. Its own session keeps the job's
         # terminal signals to the job.
-        self._child = subprocess.Popen(command, env={**os.environ, **threads, "PYTHONUNBUFFERED": "1"},
+        self._child = subprocess.Popen(command, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
                                        start_new_session=True, preexec_fn=_ignore_usr2, **popen_kwargs)
         self.starts += 1
         return self._child
@@ -146,7 +152,7 @@ class CellJob:
                 _send(_process_tree(child.pid), signal.SIGKILL)
                 child.wait()
         return submitit.helpers.DelayedSubmission(CellJob(self.command, self.run_dir, self.stop_timeout_s, self.threads,
-                                                          self.gpus, self.retries))
+                                                          self.gpus, self.retries, self.online))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_child": None}  # a process handle does not survive pickling
@@ -220,6 +226,8 @@ class LaunchOptions:
     """The partition's GraceTime (preemption), when known; bounds the child's time to save."""
     retries: int = DEFAULT_RETRIES
     """Restarts of a cell's training killed by a signal (the OOM killer, a node fault) per job."""
+    online: bool = False
+    """The nodes reach the hub; else jobs run offline against the prepared cache."""
 
     @property
     def stop_timeout_s(self) -> float:
@@ -286,7 +294,7 @@ def submit_cells(cells: list, options: LaunchOptions, folder: Path, name: str, m
             with executor.batch():
                 submitted = [executor.submit(CellJob(train_command(c.run_dir), str(c.run_dir), options.stop_timeout_s,
                                                      c.cfg.resources.cpus_per_task, c.cfg.resources.gpus_per_node,
-                                                     options.retries))
+                                                     options.retries, options.online))
                              for c in chunk]
         except Exception as err:  # noqa: BLE001 - report, keep what was submitted
             return jobs, [f"submission of {len(chunk)} cells failed: {err}"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import cache_dir, hub_cache_dir
 from .catalog import (
     QWEN25_COMMON,
     QWEN25_SHAPES,
@@ -26,7 +27,6 @@ from .catalog import (
     TINY_SHAPE,
     TINY_VERSION,
     TINY_VOCAB_SIZE,
-    cache_dir,
     model_key,
     stand_in_shape,
 )
@@ -209,15 +209,28 @@ def peft_lora_config(lora: LoraConfig):
 
 
 def describe(cfg: ExperimentConfig) -> dict:
-    """What the result records about the model beyond the config: the resolved path, and how
+    """What the result records about the model beyond the config: the resolved path and revision
+    (the commit of a hub model in the cache; None for a local folder or a stand-in), and how
     training holds and computes it (weights dtype, bf16 / fp16 autocast)."""
     path = resolve_model_path(cfg.model.name_or_path)
     precision = training_precision(cfg, torch.cuda.is_available())
     return {
         "key": cfg.model.key or model_key(cfg.model.name_or_path),
         "path": path,
+        "revision": hub_revision(cfg.model.name_or_path, cfg.model.revision),
         "dtype": str(precision["dtype"]).removeprefix("torch."),
         "bf16": precision["bf16"],
         "fp16": precision["fp16"],
         "random_weights": Path(path, STAND_IN_FILENAME).exists(),
     }
+
+
+def hub_revision(name_or_path: str, revision: str | None) -> str | None:
+    """The commit a hub model resolves to in the hub cache (what a job offline loads), or None for
+    a local folder, a stand-in, or a model that is not in the cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if stand_in_shape(name_or_path) is not None or Path(name_or_path).is_dir():
+        return None
+    found = try_to_load_from_cache(name_or_path, "config.json", cache_dir=hub_cache_dir(), revision=revision or "main")
+    return Path(found).parent.name if isinstance(found, str) else None

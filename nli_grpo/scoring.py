@@ -32,11 +32,10 @@ import gzip
 import json
 import os
 import sys
-import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from nli_grpo.data import BENCHMARKS, HANS, BenchmarkSpec
+from nli_grpo.data import BENCHMARKS, HANS, BenchmarkSpec, json_lines
 from nli_grpo.prompts import LABEL_IDS, LABELS, UNPARSEABLE, extract_label, format_ok
 from nli_grpo.results import atomic_open, atomic_write_json
 
@@ -226,31 +225,7 @@ def write_predictions(path: str | os.PathLike, records: Iterable[dict]) -> None:
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
     """The records of a predictions file (gzip or plain JSON lines)."""
-    return [record for _, record in _json_lines(path)]
-
-
-def _json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; gzip is recognised by its magic bytes, so
-    a misnamed file still reads. Raises ValueError naming the file and line."""
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    opener = gzip.open if gzipped else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        try:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}); expected one "
-                                     "JSON object per line.") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}, line {number}: a JSON {type(record).__name__}, expected "
-                                     "a JSON object per line.")
-                yield number, record
-        except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-            raise ValueError(f"{path}: the gzip stream is damaged or cut short ({err}); write it again.") from None
+    return [record for _, record in json_lines(path)]
 
 
 # --- re-scoring --------------------------------------------------------------------------------------
@@ -267,7 +242,7 @@ def score_file(path: str | os.PathLike, benchmark: str) -> dict:
     golds, completions = [], []
     groups: dict[str, list] = {}
     first_line_of: dict = {}
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         where = f"{path}, line {number}"
         missing = [field for field in ("id", "label", "completion") if field not in record]
         if missing:

@@ -18,6 +18,9 @@ Exit codes: 0 submitted / nothing to do / dry run, 1 a submission failed, 2 refu
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import shlex
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,15 @@ from pathlib import Path
 from . import launch, manifest, slurm, status
 from .catalog import model_key
 from .config import ConfigError, ExperimentConfig
-from .grid import Grid, capability_problems, cell_from_config, estimate_gpu_memory, memory_problems, restrict_axis
+from .grid import (
+    Grid,
+    capability_problems,
+    cell_from_config,
+    estimate_gpu_memory,
+    input_problems,
+    memory_problems,
+    restrict_axis,
+)
 from .job import config_for_run, conflicting_inputs
 from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, CellFolder
 
@@ -87,6 +98,19 @@ class PlannedCell:
         return Path(self.cfg.output.dir)
 
 
+def load_sweep_file(name_or_path: str) -> Sweep:
+    """The SWEEP a sweep file declares: `sweeps/<name>.py` (from the current folder), or a path."""
+    path = Path(name_or_path) if name_or_path.endswith(".py") else Path("sweeps") / f"{name_or_path}.py"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in Path("sweeps").glob("*.py")) if Path("sweeps").is_dir() else []
+        raise ValueError(f"no sweep file {path}; give a path to one, or run from the repository root"
+                         + (f" (sweeps: {', '.join(shipped)})" if shipped else ""))
+    spec = importlib.util.spec_from_file_location(f"sweep_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SWEEP
+
+
 # --------------------------------------------------------------------------- command line
 def parse_args(sweep: Sweep, argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -121,7 +145,12 @@ def parse_args(sweep: Sweep, argv=None) -> argparse.Namespace:
                       help="restarts of a cell whose training is killed by a signal (OOM killer, node fault), per job "
                            f"(default {launch.DEFAULT_RETRIES}); errors are never retried")
     run_.add_argument("--force", action="store_true", help="also resubmit complete cells (their folders move to <sweep>/.replaced/); queued ones never")
+    run_.add_argument("--online", action="store_true",
+                      help="the compute nodes reach the hub: jobs may download, and cells need no prepared inputs "
+                           "(default: jobs run offline against the cache that `python -m nli_grpo.prepare` fills)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_intermixed_args(argv)
+    args.argv = argv
     if args.retries < 0:
         parser.error(f"--retries {args.retries}: give 0 or more restarts")
     args.cluster = args.cluster or ("local" if args.smoke else "slurm")
@@ -281,9 +310,20 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {err}")
         return 2
     refusals = [p for p in [results_dir_problem(sweep_dir)] if p]
+    missing_inputs = False
+    for c in cells:
+        if c.cfg is not None and (problems := input_problems(c.cfg, args.online)):
+            c.problems += problems
+            missing_inputs = True
+    if missing_inputs:
+        grid_args = [a for a in args.argv if a not in ("--dry-run", "--force", "--online")]
+        refusals.append("inputs missing: on the login node, run `" + shlex.join(["python", "-m", "nli_grpo.prepare", "--sweep",
+                        sweep.name, *grid_args]) + "` (it downloads what the cells need; `--from DIR` ingests the datasets' "
+                        "original files instead), then submit again. A cell training on anli_hard also needs the pool: "
+                        "`python -m nli_grpo.bootstrap`. If the nodes reach the hub, --online skips this check.")
     options = launch.LaunchOptions(cluster=args.cluster, partition=args.partition, account=args.account, qos=args.qos,
                                    constraint=args.constraint, array_parallelism=args.array_parallelism,
-                                   retries=args.retries)
+                                   retries=args.retries, online=args.online)
     array_limit = 1001
     try:
         if args.cluster == "slurm":

@@ -277,9 +277,11 @@ def prompt_dataset(cfg: ExperimentConfig, tokenizer):
     """Training prompts as TRL conversational records (`prompt` messages + gold `label`),
     dropping prompts longer than grpo.max_prompt_length tokens (TRL no longer truncates, and a
     left-truncated prompt would lose the system message)."""
+    from .data import fingerprint
     from .prompts import build_messages
 
     pool = load_train_pool(cfg.data)
+    pool_fingerprint = fingerprint(pool)
     dataset = pool.map(
         lambda ex: {"prompt": build_messages(ex["premise"], ex["hypothesis"])},
         remove_columns=[c for c in pool.column_names if c not in ("id", "label")],
@@ -294,7 +296,8 @@ def prompt_dataset(cfg: ExperimentConfig, tokenizer):
     if len(dataset) < cfg.grpo.completions_per_step // cfg.grpo.num_generations:
         raise ValueError(f"only {len(dataset)} training prompts left; a step needs "
                          f"{cfg.grpo.completions_per_step // cfg.grpo.num_generations} (check data.train_source / data.train_limit)")
-    return dataset, {"prompts": len(dataset), "dropped_too_long": len(lengths) - len(keep), "max_prompt_tokens": max(lengths)}
+    return dataset, {"prompts": len(dataset), "dropped_too_long": len(lengths) - len(keep), "max_prompt_tokens": max(lengths),
+                     "source": cfg.data.train_source, "fingerprint": pool_fingerprint}
 
 
 def train_summary(folder: CellFolder, steps_done: int, started: float, first_step: int, max_steps: int, data_info: dict) -> dict:

@@ -14,6 +14,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Every test session gets a cache of its own ($NLI_GRPO_CACHE: stand-in models, prepared data,
+    the lock file), inherited by the jobs and commands tests start: what a developer prepared in
+    theirs cannot change a test's outcome. The tiny model is built once per session (~1 s)."""
+    cache = tmp_path_factory.mktemp("nli_grpo_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NLI_GRPO_CACHE", str(cache))
+        patch.delenv("HF_HUB_CACHE", raising=False)
+        yield cache
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slurm: needs the local Slurm cluster (bash slurm/local-cluster.sh up); skipped when it is down"
@@ -112,3 +124,74 @@ def learning_task():
         "eval.after_training=false", "lora.rank=16",
     ]
     return SimpleNamespace(overrides=overrides, reward=target_token_share)
+
+
+# --------------------------------------------------------------------------- the datasets' original files
+def _tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join("\t".join(line) for line in [header, *rows]) + "\n")
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_original_files(folder: Path) -> Path:
+    """A few rows of each set in the format its authors distributed (columns, label spellings,
+    file names and folders as in the releases), with quotes and a no-gold row where the real
+    files have them. Returns the folder."""
+    # HANS: github.com/tommccoy1/hans, heuristics_evaluation_set.txt (tab-separated, no quoting)
+    hans_header = ["gold_label", "sentence1_binary_parse", "sentence2_binary_parse", "sentence1_parse", "sentence2_parse",
+                   "sentence1", "sentence2", "pairID", "heuristic", "subcase", "template"]
+    hans = [("non-entailment", "The president advised the doctor .", "The doctor advised the president .", "ex0",
+             "lexical_overlap", "ln_subject/object_swap", "temp1"),
+            ("entailment", "The doctor near the actor danced .", "The doctor danced .", "ex1",
+             "lexical_overlap", "le_around_prepositional_phrase", "temp27"),
+            ("non-entailment", "The manager knew the athlete mentioned the actor .", "The manager knew the athlete .", "ex2",
+             "subsequence", "sn_NP/S", "temp43"),
+            ("entailment", "Certainly the lawyers resigned .", "The lawyers resigned .", "ex3",
+             "constituent", "ce_adverb", "temp60"),
+            ("non-entailment", 'If the "artist" slept , the actor ran .', "The artist slept .", "ex4",
+             "constituent", "cn_embedded_under_if", "temp58")]
+    _tsv(folder / "hans" / "heuristics_evaluation_set.txt", hans_header,
+         [[gold, "( x )", "( x )", "(ROOT x)", "(ROOT x)", s1, s2, pid, heur, sub, tpl] for gold, s1, s2, pid, heur, sub, tpl in hans])
+    # ANLI v1.0: anli_v1.0/R{1,2,3}/{train,dev,test}.jsonl, labels as letters
+    for k in (1, 2, 3):
+        for split in ("train", "dev", "test"):
+            _jsonl(folder / "anli_v1.0" / f"R{k}" / f"{split}.jsonl", [
+                {"uid": f"{split}-r{k}-{i}", "premise": f"Round {k} premise {i}.", "hypothesis": f"Hypothesis {i}.",
+                 "label": label, "reason": "", "model_label": "n", "emturk": False, "genre": "wiki", "tag": ""}
+                for i, label in enumerate("enc")])
+    # SNLI 1.0 and MultiNLI 1.0: gold_label strings, "-" = no gold (no majority among the annotators)
+    common = {"sentence1_binary_parse": "( x )", "sentence1_parse": "(ROOT x)", "sentence2_binary_parse": "( x )",
+              "sentence2_parse": "(ROOT x)"}
+    _jsonl(folder / "snli_1.0" / "snli_1.0_test.jsonl", [
+        {"annotator_labels": ["neutral"], "captionID": "1.jpg#0", "gold_label": gold, "pairID": f"1.jpg#0r1{g}",
+         "sentence1": "Two women are embracing.", "sentence2": f"Hypothesis {g}.", **common}
+        for gold, g in (("neutral", "n"), ("entailment", "e"), ("-", "x"), ("contradiction", "c"))])
+    _jsonl(folder / "multinli_1.0" / "multinli_1.0_dev_mismatched.jsonl", [
+        {"annotator_labels": [gold], "genre": "letters", "gold_label": gold, "pairID": f"{i}e", "promptID": str(i),
+         "sentence1": f"Mismatched premise {i}.", "sentence2": "A hypothesis.", **common}
+        for i, gold in enumerate(("contradiction", "neutral", "entailment"))])
+    # GLUE diagnostic, the labelled release (diagnostic-full.tsv): coarse categories as columns
+    _tsv(folder / "glue" / "diagnostic-full.tsv",
+         ["Lexical Semantics", "Predicate-Argument Structure", "Logic", "Knowledge", "Domain", "Premise", "Hypothesis", "Label"],
+         [["Negation", "", "Negation", "", "Artificial", "The cat sat on the mat.", "The cat did not sit on the mat.", "contradiction"],
+          ["", "Active/Passive", "", "", "News", "The dog chased the ball.", "The ball was chased by the dog.", "entailment"],
+          ["", "", "", "World knowledge", "Wikipedia", "Paris is in France.", "Paris is in Europe.", "entailment"],
+          ["Lexical entailment", "", "", "Common sense", "Reddit", "He ate an apple.", "He ate fruit.", "neutral"]])
+    # Counter-NLI (Kaushik et al. 2020): NLI/revised_combined/test.tsv
+    _tsv(folder / "counterfactually-augmented-data" / "NLI" / "revised_combined" / "test.tsv",
+         ["sentence1", "sentence2", "gold_label"],
+         [["A woman is walking her dog in the snow.", "A woman is inside with her pet.", "contradiction"],
+          ["A woman is walking her dog in a mall.", "A woman is inside with her pet.", "entailment"]])
+    return folder
+
+
+@pytest.fixture
+def original_files(tmp_path):
+    """A folder with a few rows of every set as its authors distributed them (see write_original_files)."""
+    return write_original_files(tmp_path / "originals")

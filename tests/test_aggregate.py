@@ -31,10 +31,12 @@ from nli_grpo.results import append_jsonl, atomic_write_json
 
 def make_result(sweep: str, *, model: str = "qwen2.5-7b", quantization: str = "bf16", lora_rank: int | None = 64,
                 seed: int = 0, status: str = "complete", scores: dict[str, float] | None = None,
-                strict_penalty: float = 0.05, updated_at: str = "2025-01-01T00:00:00+00:00", **extra_axes) -> dict:
+                strict_penalty: float = 0.05, updated_at: str = "2025-01-01T00:00:00+00:00",
+                data: dict[str, str] | None = None, **extra_axes) -> dict:
     """A result document as a job writes it (nli_grpo.layout.result_document); `scores` maps
     benchmark -> accuracy (fraction), and accuracy_strict is `accuracy - strict_penalty`.
-    lora_rank=None makes a zero-shot baseline; keyword axes become extra cell axes."""
+    lora_rank=None makes a zero-shot baseline; keyword axes become extra cell axes; `data` maps
+    benchmark -> the sha256 of the data it was evaluated on (its fingerprint)."""
     cfg = ExperimentConfig(stage="zero_shot" if lora_rank is None else "grpo", seed=seed)
     cfg.model.name_or_path, cfg.model.quantization = f"Qwen/{model}-Instruct", quantization
     cfg.lora.rank = lora_rank or 64
@@ -42,6 +44,8 @@ def make_result(sweep: str, *, model: str = "qwen2.5-7b", quantization: str = "b
     cfg.output.cell_id = cell_id(cell_from_config(cfg))
     evals = {b: {"accuracy": a, "accuracy_strict": round(a - strict_penalty, 6), "unparseable_rate": strict_penalty,
                  "n": 1000} for b, a in (scores or {}).items()}
+    for b, sha in (data or {}).items():
+        evals[b]["fingerprint"] = {"sha256": sha, "rows": 1000}
     return result_document(cfg, status=status, versions={"python": "3.11"}, slurm={"job_id": "1"}, eval=evals,
                            error="CUDA out of memory" if status == "failed" else None,
                            created_at=updated_at, updated_at=updated_at)
@@ -381,7 +385,7 @@ def test_cli_writes_markdown_csv_latex_and_plots(results_root, tmp_path, capsys)
 
     csv = pd.read_csv(tables / "ablation_lora_rank.csv")
     assert list(csv.columns) == ["quantization", "lora_rank", "column", "mean", "std", "n", "state", "kind", "best",
-                                 "display", "runs", "source"]
+                                 "display", "runs", "source", "mixed_data", "data"]
     best = csv[(csv["quantization"] == "bf16") & (csv["lora_rank"] == 64) & (csv["column"] == "anli_r1")].iloc[0]
     assert (best["mean"], best["std"], best["n"], best["state"], best["best"], best["display"]) == (
         pytest.approx(0.70), pytest.approx(0.01), 3, "ok", True, "70.00 ± 1.00")
@@ -420,3 +424,28 @@ def test_tables_without_plots_never_import_matplotlib(results_root):
               "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert proc.stdout.splitlines()[-1] == "0 []"
+
+
+def test_cells_computed_on_different_data_are_marked_not_averaged_silently(tmp_path):
+    """Seed 2 of rank 64 was evaluated on another version of ANLI R1 (another fingerprint): its
+    column is marked in every table, with a note naming both versions; SNLI, all on one version,
+    is not."""
+    root = tmp_path / "results"
+    same, other = "a" * 64, "b" * 64
+    for rank in (8, 64):
+        for seed in (0, 1, 2):
+            anli = other if (rank, seed) == (64, 2) else same
+            write_result(root, make_result("fp", lora_rank=rank, seed=seed, scores={"snli": 0.7, "anli_r1": 0.5},
+                                           data={"snli": same, "anli_r1": anli}))
+    [sweep] = build_sweep_results(collect([root]).runs)
+    tables = {t.name: t for t in tables_for(sweep)}
+    table = tables["ablation_lora_rank"]
+    rows = {row.labels["lora_rank"]: row for row in table.rows}
+    assert table.columns == ["snli", "anli_r1", "avg"]
+    # ANLI R1 and the average over it, in every row; not SNLI
+    assert [[c for c in table.columns if row.cells[c].mixed] for row in table.rows] == [["anli_r1", "avg"]] * 2
+    assert table.notes == [f"ANLI R1: computed on different data (2 versions: {'a' * 10}/1000, {'b' * 10}/1000); "
+                           "the marked cells are not comparable"]
+    text = table_markdown(table)
+    assert "50.00 ± 0.00†" in text and "Data:\n- † ANLI R1: computed on different data" in text
+    assert format_stat(rows["64"].cells["snli"]).endswith("0") and "†" not in format_stat(rows["64"].cells["snli"])

@@ -152,8 +152,8 @@ def test_unknown_label_is_a_schema_error_naming_the_value(tmp_path):
 
 
 def test_missing_column_is_a_schema_error_naming_it(tmp_path):
-    write_jsonl(tmp_path / "snli.jsonl", [{"sentence1": "P", "sentence2": "H", "label": 0}])
-    with pytest.raises(DataSchemaError, match="no column 'premise'.*stanfordnlp/snli"):
+    write_jsonl(tmp_path / "snli.jsonl", [{"sentence1": "P", "text": "H", "label": 0}])
+    with pytest.raises(DataSchemaError, match="no column 'hypothesis' or 'sentence2'.*stanfordnlp/snli.*snli_1.0_test.jsonl"):
         load_benchmark("snli", local_dir=tmp_path, hub=False)
 
 
@@ -335,8 +335,8 @@ def test_hub_is_asked_for_the_specs_id_config_and_split(monkeypatch, caplog):
     # Stand in for the hub with a two-row split in the hub's own types (ClassLabel, -1).
     calls = []
 
-    def fake_hub(path, name=None, *, split):
-        calls.append((path, name, split))
+    def fake_hub(path, name=None, *, split, revision=None):
+        calls.append((path, name, split, revision))
         return datasets.Dataset.from_list(
             [{"premise": "P", "hypothesis": "H", "label": 0, "idx": 0},
              {"premise": "P", "hypothesis": "H", "label": -1, "idx": 1}],
@@ -350,7 +350,7 @@ def test_hub_is_asked_for_the_specs_id_config_and_split(monkeypatch, caplog):
     monkeypatch.setattr(datasets, "load_dataset", fake_hub)
     with caplog.at_level(logging.WARNING, logger="nli_grpo.data"):
         loaded = load_benchmark("mnli_mm")
-    assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
+    assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched", None)]
     assert loaded.source == "nyu-mll/glue (config mnli, split validation_mismatched)"
     assert loaded.dataset["label"] == [0] and loaded.n_dropped == 1
     assert "the paper used 9832" in caplog.text
@@ -385,3 +385,88 @@ def test_samples_exercise_what_the_real_sets_have():
     diag = [row for name in BENCHMARK_NAMES if name.startswith("diag_")
             for row in load_benchmark(name, local_dir="samples", hub=False).dataset]
     assert any(len(row["categories"]) > 1 for row in diag)
+
+
+# ---------------------------------------------------------------- the datasets' original files
+
+def test_every_set_loads_from_its_original_distribution_files(original_files):
+    def load(name):
+        return load_benchmark(name, local_dir=original_files, hub=False)
+
+    anli = load("anli_r2").dataset
+    assert anli["id"] == ["test-r2-0", "test-r2-1", "test-r2-2"] and anli["label"] == [0, 1, 2]  # e, n, c
+    assert load_train_source("anli_train_r3", local_dir=original_files, hub=False).dataset["id"][0] == "train-r3-0"
+    snli = load("snli")
+    assert snli.n_dropped == 1 and snli.dataset["label"] == [1, 0, 2]
+    assert snli.dataset["id"] == ["1.jpg#0r1n", "1.jpg#0r1e", "1.jpg#0r1c"]  # pairID
+    assert snli.source.endswith("snli_1.0/snli_1.0_test.jsonl")
+    assert load("mnli_mm").dataset["label"] == [2, 1, 0]
+    overlap = load("hans_lexical_overlap").dataset
+    assert overlap["label"] == [1, 0] and overlap["id"] == ["ex0", "ex1"]
+    assert overlap["subcase"] == ["ln_subject/object_swap", "le_around_prepositional_phrase"]
+    assert set(overlap["heuristic"]) == {"lexical_overlap"}
+    constituent = load("hans_constituent").dataset
+    assert constituent["premise"][1] == 'If the "artist" slept , the actor ran .'  # a quote is text
+    assert (len(load("hans_subsequence")), len(constituent)) == (1, 2)
+    logic = load("diag_logic").dataset
+    assert logic["label"] == [2] and logic["categories"] == [["lexical_semantics", "logic"]]
+    knowledge = load("diag_knowledge").dataset
+    assert knowledge["categories"] == [["knowledge"], ["lexical_semantics", "knowledge"]] and knowledge["label"] == [0, 1]
+    assert load("diag_predicate_argument").dataset["id"] == ["diag_predicate_argument-1"]  # no id column: the row
+    counter = load("counter_nli").dataset
+    assert counter["label"] == [2, 0] and counter["premise"][1] == "A woman is walking her dog in a mall."
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("snli.jsonl", '{"premise": "P", "hypothesis": "H", "label": 0}\n{"premise": "P", "hypo',
+     r"snli.jsonl, line 2: not valid JSON .*truncated"),
+    ("snli.jsonl", '{"premise": "P", "hypothesis": "H", "label": 0}\n{"premise": "P", "hypothesis": "H", "label": "maybe"}\n',
+     r"snli.jsonl, line 2: label 'maybe' of snli is not one of \['entailment', 'neutral', 'contradiction'\]"),
+    ("snli.tsv", "premise\thypothesis\tlabel\nP\tH\t0\nP\tH\n", r"snli.tsv, line 3: expected 3 fields like the header, found 2"),
+    ("snli.jsonl", "", r"snli.jsonl is empty"),
+    ("snli.tsv", "", r"snli.tsv is empty: expected a header"),
+    ("hans.jsonl", '{"premise": "P", "hypothesis": "H", "label": 0, "subcase": "x"}\n', r"hans.jsonl has no column 'heuristic'"),
+    ("snli.jsonl", '{"premise": "", "hypothesis": "H", "label": 0}\n', r"snli.jsonl, line 1: the premise of this snli row is empty"),
+])
+def test_bad_files_are_named_with_the_line_and_what_was_expected(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    benchmark = "hans_subsequence" if name.startswith("hans") else "snli"
+    with pytest.raises(DataSchemaError, match=message):
+        load_benchmark(benchmark, local_dir=tmp_path, hub=False)
+
+
+def test_a_label_outside_hans_labels_is_refused_with_its_line(original_files):
+    path = original_files / "hans" / "heuristics_evaluation_set.txt"
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].replace("non-entailment", "contradiction", 1)  # a 3-way label in a 2-way set
+    path.write_text("\n".join(lines) + "\n")
+    expected = r"heuristics_evaluation_set.txt, line 4: label 'contradiction' of hans_\w+ is not one of \['entailment', 'non-entailment'\]"
+    with pytest.raises(DataSchemaError, match=expected):
+        load_benchmark("hans_subsequence", local_dir=original_files, hub=False)
+
+
+def test_the_same_examples_from_any_source_have_the_same_fingerprint(tmp_path, original_files):
+    """What a number was computed on, whatever the file format or ids: content and order."""
+    from_original = data.fingerprint(load_benchmark("snli", local_dir=original_files, hub=False).dataset)
+    rows = [{"premise": "Two women are embracing.", "hypothesis": f"Hypothesis {g}.", "label": label}
+            for g, label in (("n", 1), ("e", 0), ("x", -1), ("c", 2))]
+    write_jsonl(tmp_path / "snli.jsonl", rows)  # the hub's schema, no pairID
+    assert data.fingerprint(load_benchmark("snli", local_dir=tmp_path, hub=False).dataset) == from_original
+    assert from_original["rows"] == 3
+    write_jsonl(tmp_path / "snli.jsonl", rows[:-1])
+    changed = data.fingerprint(load_benchmark("snli", local_dir=tmp_path, hub=False).dataset)
+    assert changed["sha256"] != from_original["sha256"] and changed["rows"] == 2
+
+
+def test_original_files_are_recognised_by_name_and_by_columns(tmp_path, original_files):
+    found = {path.relative_to(original_files).as_posix(): data.recognise(path, original_files)
+             for path in original_files.rglob("*") if path.is_file()}
+    assert found["hans/heuristics_evaluation_set.txt"] == "hans"
+    assert found["anli_v1.0/R3/train.jsonl"] == "anli_train_r3" and found["anli_v1.0/R1/test.jsonl"] == "anli_r1"
+    assert found["anli_v1.0/R1/dev.jsonl"] is None  # not one of the paper's sets
+    assert found["glue/diagnostic-full.tsv"] == "glue_diagnostics"
+    assert found["counterfactually-augmented-data/NLI/revised_combined/test.tsv"] == "counter_nli"
+    renamed = tmp_path / "mine" / "hans_eval.tsv"  # a renamed copy: its columns say what it is
+    renamed.parent.mkdir()
+    renamed.write_text((original_files / "hans" / "heuristics_evaluation_set.txt").read_text())
+    assert data.recognise(renamed, renamed.parent) == "hans"

@@ -26,6 +26,7 @@ def test_command_line_zero_shot_and_adapter(tmp_path):
     assert main([*common, "--out", str(tmp_path / "zs")]) == 0
     doc = results.read_result(tmp_path / "zs" / RESULT_FILENAME)
     assert doc["status"] == "complete" and doc["cell"]["stage"] == "zero_shot" and doc["cell"]["lora_rank"] is None
+    assert doc["model"]["key"] == "tiny" and doc["model"]["revision"] is None  # recorded for evaluations too
     assert sorted(doc["eval"]) == ["anli_r1", "hans_subsequence"] and doc["train"] is None
 
     adapter = tmp_path / "adapter"

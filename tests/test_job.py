@@ -49,6 +49,11 @@ def test_smoke_recipe_trains_and_evaluates_all_13_sets(tmp_path):
     assert {k: doc["model"][k] for k in ("dtype", "bf16", "fp16")} == {"dtype": "float32", "bf16": False, "fp16": False}
     assert doc["train"]["tokens_per_s"] > 0 and doc["train"]["peak_memory_gb"] > 0
     assert sorted(doc["eval"]) == sorted(BENCHMARK_NAMES)
+    # what every number was computed on: the evaluated rows (eval.limit 8) and the training pool
+    assert doc["eval"]["snli"]["fingerprint"]["rows"] == doc["eval"]["snli"]["n"] == 8
+    assert len(doc["eval"]["snli"]["fingerprint"]["sha256"]) == 64
+    assert doc["train"]["data"]["fingerprint"]["rows"] == 48 and doc["train"]["data"]["source"] == "anli_train_r1"
+    assert doc["model"]["revision"] is None and doc["model"]["random_weights"]  # a stand-in: no hub commit
     assert all(len(results.read_jsonl(out / "train_log.jsonl")) > 0 for _ in [0])
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "predictions" / "hans_subsequence.jsonl.gz").is_file()

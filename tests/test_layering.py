@@ -58,12 +58,20 @@ def test_a_sweep_plan_status_and_aggregate_load_no_heavy_package(tmp_path, write
     assert loaded == []
 
 
+def test_prepare_loads_no_heavy_package(tmp_path, original_files):
+    """It runs on the login node too."""
+    loaded, proc = heavy_modules_loaded("nli_grpo.prepare", "--from", str(original_files), "--cache", str(tmp_path / "cache"))
+    assert proc.returncode == 0 and "prepared 11 source(s)" in proc.stdout, proc.stderr[-2000:]
+    assert loaded == []
+
+
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
 def test_a_dry_run_against_slurm_loads_no_heavy_package(tmp_path):
     """The whole paper sweep planned against the cluster: partitions, limits, queue, sbatch text."""
     loaded, proc = heavy_modules_loaded("sweeps/paper.py", "--dry-run", "--partition", "gpu", "--mem-gb", "8",
-                                        "--cpus-per-task", "2", "--time", "60", "--results", str(tmp_path))
+                                        "--cpus-per-task", "2", "--time", "60", "--results", str(tmp_path),
+                                        "--online", "data.train_source=anli_train_r1")
     assert proc.returncode == 0 and "dry run: 43 of 43 cells would be submitted" in proc.stdout, proc.stdout[-3000:]
     assert "#SBATCH --array=" in proc.stdout
     assert loaded == []

@@ -183,3 +183,28 @@ def test_the_dry_run_shows_exactly_the_arrays_the_submission_makes(tmp_path, cel
     shown = console.export_text()
     assert shown.count("#SBATCH --array=") == len([g for g in groups if len(g[1]) > 1])
     assert f"job array {len(groups)} of {len(groups)}" in shown
+
+
+def test_a_cell_whose_inputs_are_not_prepared_is_refused(tmp_path, monkeypatch, original_files):
+    """Jobs run offline against the cache: the model must be there (or a local folder), and every
+    dataset the cell reads a local file or prepared; --online (nodes that reach the hub) needs
+    only what the hub cannot give (the hard pool)."""
+    from nli_grpo import prepare
+    from nli_grpo.grid import input_problems
+    from nli_grpo.job import config_for_run
+
+    monkeypatch.setenv("NLI_GRPO_CACHE", str(tmp_path / "cache"))
+    cfg = config_for_run("lora_rank", ["model.quantization=bf16", "model.name_or_path=Qwen/Qwen2.5-7B-Instruct"])
+    model, data = input_problems(cfg)
+    assert model.startswith("model Qwen/Qwen2.5-7B-Instruct is not in the cache") and "jobs run offline" in model
+    assert data.startswith("data not found locally (no data.local_dir) nor in the prepared cache")
+    assert "anli_r1, " in data and data.endswith("anli_hard")
+    assert input_problems(cfg, online=True) == [
+        f"data not found locally (no data.local_dir) nor in the prepared cache {tmp_path / 'cache' / 'data'}: anli_hard"]
+
+    assert prepare.main(["--from", str(original_files)]) == 0
+    folder = tmp_path / "Qwen2.5-7B-Instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    ready = config_for_run("lora_rank", ["model.quantization=bf16", f"model.name_or_path={folder}", "data.train_source=anli_train_r1"])
+    assert input_problems(ready) == []

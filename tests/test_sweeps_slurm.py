@@ -1,6 +1,7 @@
 """Sweeps on the real local Slurm cluster (slurm/local-cluster.sh): real submitit job arrays, real
 training of the tiny model, real USR2 / `scontrol requeue` / partition preemption, and refusals
 before anything is queued."""
+import json
 import os
 import re
 import subprocess
@@ -155,3 +156,28 @@ def test_bad_input_is_refused_before_anything_is_queued(tmp_path, capsys, argv, 
     assert message.format(blocker=blocker) in out and "Nothing submitted" in out
     assert ours() == before == []
     assert not list(tmp_path.rglob(MANIFEST_FILENAME)) and not list(tmp_path.rglob(CONFIG_SNAPSHOT_FILENAME))
+
+
+def test_a_sweep_with_inputs_missing_queues_nothing_and_names_prepare(tmp_path, job_env, original_files):
+    """The hub is unreachable and nothing is prepared: the dry run of a real (GPU) sweep refuses with
+    exit 2 and the prepare command; after `prepare --from` with the original files and a local
+    model folder it passes."""
+    env = {**job_env, "NLI_GRPO_CACHE": str(tmp_path / "cache")}
+    model = tmp_path / "models" / "Qwen2.5-7B-Instruct"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                                                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064}))
+    argv = ["--dry-run", "--partition", "gpu", "--ranks", "8", "--quantizations", "bf16", "--mem-gb", "8", "--cpus-per-task", "2",
+            "--time", "60", "--results", str(tmp_path / "results"), "data.train_source=anli_train_r1"]
+    refused = sweep_command(*argv, env=env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "python -m nli_grpo.prepare --sweep lora_rank" in refused.stdout and "Nothing submitted" in refused.stdout
+    assert "model Qwen/Qwen2.5-7B-Instruct is not in the cache" in refused.stdout
+    assert not list(tmp_path.rglob(MANIFEST_FILENAME))
+
+    prepared = subprocess.run([sys.executable, "-m", "nli_grpo.prepare", "--from", str(original_files)], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    assert prepared.returncode == 0, prepared.stderr
+    passes = sweep_command(*argv, f"model.name_or_path={model}", env=env)
+    assert passes.returncode == 0, passes.stdout + passes.stderr
+    assert "dry run: 1 of 1 cells would be submitted" in passes.stdout

@@ -16,17 +16,23 @@ FORMATS = ("md", "csv", "tex")
 AXIS_LABELS = {"quantization": "quant.", "lora_rank": "rank", "system": "system", "delta": "Δ"}
 
 
+#: After a number computed on data that differs from its column's (see tables.mark_mixed_data).
+MIXED_MARK = "†"
+
+
 def format_stat(stat: Stat) -> str:
-    """Percent with 2 decimals like the paper; `± std` when several seeds; signed for deltas."""
+    """Percent with 2 decimals like the paper; `± std` when several seeds; signed for deltas;
+    † when its column mixes data versions."""
     if stat.state != "ok":
         return "—" if stat.state == MISSING else stat.state
     if stat.kind == "delta":
-        return f"{100 * stat.mean:+.2f}"
-    text = f"{100 * stat.mean:.2f}"
-    return text + (f" ± {100 * stat.std:.2f}" if stat.std is not None else "")
+        text = f"{100 * stat.mean:+.2f}"
+    else:
+        text = f"{100 * stat.mean:.2f}" + (f" ± {100 * stat.std:.2f}" if stat.std is not None else "")
+    return text + (MIXED_MARK if stat.mixed else "")
 
 
-_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+_LATEX_SPECIALS = {MIXED_MARK: r"$^\dagger$", "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                    "±": r"$\pm$", "−": r"$-$", "—": "---", "Δ": r"$\Delta$"}
 
@@ -55,7 +61,7 @@ def display_cells(table: Table, style: str = "md") -> tuple[list[str], list[list
     return [escape(h) for h in headers], rows
 
 
-CSV_FIELDS = ("column", "mean", "std", "n", "state", "kind", "best", "display", "runs", "source")
+CSV_FIELDS = ("column", "mean", "std", "n", "state", "kind", "best", "display", "runs", "source", "mixed_data", "data")
 
 
 def long_records(table: Table) -> list[dict]:
@@ -63,7 +69,8 @@ def long_records(table: Table) -> list[dict]:
     return [
         {**{a: row.labels.get(a, "") for a in table.label_columns}, "column": column, "mean": stat.mean,
          "std": stat.std, "n": stat.n, "state": stat.state, "kind": stat.kind, "best": stat.best,
-         "display": format_stat(stat), "runs": row.runs, "source": row.source}
+         "display": format_stat(stat), "runs": row.runs, "source": row.source, "mixed_data": stat.mixed,
+         "data": " ".join(sorted(stat.data))}
         for row in table.rows for column, stat in ((c, row.cells[c]) for c in table.columns)
     ]
 
@@ -94,8 +101,9 @@ def table_markdown(table: Table) -> str:
 
     rule = "|" + "|".join("-" * (w + 1) + ":" if r else ":" + "-" * (w + 1) for w, r in zip(widths, right)) + "|"
     notes = "".join(f"\n- {r.labels['system']}: {r.source}" for r in table.rows if r.source)
+    mixed = "".join(f"\n- {MIXED_MARK} {note}" for note in table.notes)
     return "\n".join([f"### {_caption(table)}", "", line(headers), rule, *map(line, rows), ""]) + (
-        f"\nReference rows:{notes}\n" if notes else "")
+        f"\nReference rows:{notes}\n" if notes else "") + (f"\nData:{mixed}\n" if mixed else "")
 
 
 def table_latex(table: Table, sweep: str) -> str:
@@ -105,6 +113,7 @@ def table_latex(table: Table, sweep: str) -> str:
     return "\n".join([
         f"% {sweep}: {table.title}; best per column in bold. Needs \\usepackage{{booktabs}}.",
         *(f"% {r.labels['system']}: {r.source}" for r in table.rows if r.source),
+        *(f"% {MIXED_MARK} {note}" for note in table.notes),
         "\\begin{table}", "\\centering", f"\\caption{{{latex_escape(_caption(table))}}}",
         f"\\label{{tab:{sweep}-{table.name}}}", f"\\begin{{tabular}}{{{columns}}}", "\\toprule",
         " & ".join(headers) + " \\\\", "\\midrule", *(" & ".join(r) + " \\\\" for r in rows),

@@ -64,6 +64,10 @@ class Stat:
     state: str = "ok"
     kind: str = "result"
     best: bool = False
+    data: frozenset = frozenset()
+    """What the number was computed on: fingerprints ("<sha256 prefix>/<rows>") of the evaluated data."""
+    mixed: bool = False
+    """Set when the cells of its column were computed on different data (mark_mixed_data)."""
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Variant:
     result_dirs: list[str] = field(default_factory=list)
     stats: dict[str, Stat] = field(default_factory=dict)       # column -> merged seeds
     unparsed: set[str] = field(default_factory=set)             # benchmarks evaluated with no value
+    data: dict[str, set] = field(default_factory=dict)          # benchmark -> fingerprints of its complete seeds
 
 
 @dataclass
@@ -196,6 +201,9 @@ def _build_sweep_results(name: str, runs: list[tuple[str, dict]], metric: str,
             evals = doc["eval"]
             records.append([numbers[key]] + [(evals.get(b) or {}).get(metric) for b in shown])
             variant.unparsed.update(b for b in shown if b in evals and evals[b].get(metric) is None)
+            for b in shown:
+                if (mark := data_mark((evals.get(b) or {}).get("fingerprint"))) is not None:
+                    variant.data.setdefault(b, set()).add(mark)
 
     # None (a benchmark a run did not evaluate) becomes NaN, which pandas leaves out of mean/std/count.
     frame = pd.DataFrame(np.array(records, dtype=float).reshape(-1, len(shown) + 1), columns=["variant", *shown])
@@ -210,8 +218,10 @@ def _build_sweep_results(name: str, runs: list[tuple[str, dict]], metric: str,
     for key, variant in variants.items():
         means, stds, counts = merged.get(numbers[key], ([], [], [0] * len(columns)))
         no_number = Stat(state=_pending_state(variant))
+        data = {c: frozenset(variant.data.get(c, ())) for c in shown}
+        data |= {key: frozenset().union(*(data[m] for m in members)) for key, members in averages.items()}
         variant.stats = {
-            c: Stat(mean=means[i], std=_number(stds[i]), n=counts[i]) if counts[i]
+            c: Stat(mean=means[i], std=_number(stds[i]), n=counts[i], data=data[c]) if counts[i]
             else Stat(state=NO_PARSE) if c in variant.unparsed else no_number
             for i, c in enumerate(columns)
         }
@@ -262,6 +272,7 @@ class Table:
     rows: list[Row]
     fixed: dict[str, str] = field(default_factory=dict)   # axes with one value in the whole table
     best_kind: str = "result"                             # which rows compete for "best in column"
+    notes: list[str] = field(default_factory=list)        # what a reader must know (mixed data)
 
 
 # Labels and folder names, shared by the rendered tables and the plots.
@@ -293,7 +304,37 @@ def delta(minuend: Stat, subtrahend: Stat) -> Stat:
     """Difference of two merged means (a number only when both sides have one)."""
     if minuend.state != "ok" or subtrahend.state != "ok":
         return Stat(state=MISSING, kind="delta")
-    return Stat(mean=minuend.mean - subtrahend.mean, kind="delta")
+    return Stat(mean=minuend.mean - subtrahend.mean, kind="delta", data=minuend.data | subtrahend.data)
+
+
+def data_mark(fingerprint: dict | None) -> str | None:
+    """A short, readable fingerprint of evaluated data: `<sha256 prefix>/<rows>`; None when a
+    result does not record one (written before fingerprints existed)."""
+    if not isinstance(fingerprint, dict) or "sha256" not in fingerprint:
+        return None
+    return f"{fingerprint['sha256'][:10]}/{fingerprint.get('rows')}"
+
+
+def mark_mixed_data(table: Table) -> Table:
+    """Mark the cells of every column whose numbers were computed on different data (a changed
+    dataset version, another file, a different eval.limit): they are not comparable, and a mean
+    over such seeds mixes them. An average is marked when one of its members is. The table gets a
+    note per such benchmark naming the fingerprints."""
+    def marks(column: str) -> set:
+        return set().union(*(row.cells[column].data for row in table.rows if row.cells[column].state == "ok"))
+
+    mixed = {c: marks(c) for c in table.columns if c not in AVERAGES and len(marks(c)) > 1}
+    for column in table.columns:
+        members = set(AVERAGES[column][1] or table.columns) if column in AVERAGES else {column}
+        if not members & set(mixed):
+            continue
+        for row in table.rows:
+            if row.cells[column].state == "ok":
+                row.cells[column] = replace(row.cells[column], mixed=True)
+        if column in mixed:
+            table.notes.append(f"{column_label(column)}: computed on different data ({len(mixed[column])} versions: "
+                               f"{', '.join(sorted(mixed[column]))}); the marked cells are not comparable")
+    return table
 
 
 def _fixed(sweep: SweepResults, axes: list[str], having: str | None = None) -> dict[str, str]:
@@ -391,7 +432,7 @@ def tables_for(sweep: SweepResults, references: pd.DataFrame | None = None) -> l
     """Every table the sweep's axes support, with the best value of each column marked."""
     extra_axes = [partial(ablation_table, axis=a) for a in sweep.axes if a not in CORE_AXES]
     tables = [layout(sweep, references=references) for layout in (*TABLE_LAYOUTS, *extra_axes)]
-    return [mark_best(t) for t in tables if t is not None]
+    return [mark_best(mark_mixed_data(t)) for t in tables if t is not None]
 
 
 def mark_best(table: Table) -> Table:
