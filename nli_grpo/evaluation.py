@@ -54,8 +54,13 @@ class HFGenerator:
         """Greedy completions, one per prompt (the evaluation protocol)."""
         return [texts[0] for texts in self._run(prompts, desc, n=1, sample=False)]
 
-    def sample(self, prompts: list[str], n: int, desc: str) -> list[list[str]]:
-        """`n` completions per prompt with the recipe's GRPO sampling settings."""
+    def sample(self, prompts: list[str], n: int, desc: str, seed: int | None = None) -> list[list[str]]:
+        """`n` completions per prompt with the recipe's GRPO sampling settings; with `seed`, the
+        same prompts give the same completions again (torch's generator is seeded first)."""
+        if seed is not None:
+            import torch
+
+            torch.manual_seed(seed)
         return self._run(prompts, desc, n=n, sample=True)
 
     def _run(self, prompts: list[str], desc: str, n: int, sample: bool) -> list[list[str]]:
@@ -116,18 +121,19 @@ class VLLMGenerator:
         """Greedy completions, one per prompt (the evaluation protocol)."""
         return [texts[0] for texts in self._run(prompts, desc, n=1, sample=False)]
 
-    def sample(self, prompts: list[str], n: int, desc: str) -> list[list[str]]:
-        """`n` completions per prompt with the recipe's GRPO sampling settings."""
-        return self._run(prompts, desc, n=n, sample=True)
+    def sample(self, prompts: list[str], n: int, desc: str, seed: int | None = None) -> list[list[str]]:
+        """`n` completions per prompt with the recipe's GRPO sampling settings; each request is
+        seeded (`seed`, else the run's), so a prompt gives the same completions in any batch."""
+        return self._run(prompts, desc, n=n, sample=True, seed=self.cfg.seed if seed is None else seed)
 
-    def _run(self, prompts: list[str], desc: str, n: int, sample: bool) -> list[list[str]]:
+    def _run(self, prompts: list[str], desc: str, n: int, sample: bool, seed: int | None = None) -> list[list[str]]:
         from vllm import SamplingParams
 
         g, e = self.cfg.grpo, self.cfg.eval
         ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         if sample:
             params = SamplingParams(n=n, temperature=g.temperature, top_k=g.top_k or -1, top_p=g.top_p,
-                                    max_tokens=g.max_completion_length, skip_special_tokens=True, seed=self.cfg.seed)
+                                    max_tokens=g.max_completion_length, skip_special_tokens=True, seed=seed)
         else:
             params = [SamplingParams(temperature=0.0, max_tokens=_token_budget(len(x), e.max_new_tokens, e.max_model_len),
                                      skip_special_tokens=True) for x in ids]

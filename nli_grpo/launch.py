@@ -235,14 +235,17 @@ class LaunchOptions:
         return max(5.0, window - STOP_MARGIN_S)
 
 
-def executor_parameters(resources: ResourcesConfig, options: LaunchOptions, name: str) -> dict:
-    """submitit AutoExecutor parameters of one cell; cells with equal parameters share an array."""
+def executor_parameters(resources: ResourcesConfig, options: LaunchOptions, name: str, dependency: str | None = None) -> dict:
+    """submitit AutoExecutor parameters of one job; cells with equal parameters share an array.
+    `dependency`: a Slurm dependency (`afterok:<job>`), e.g. on the merge of the pool a cell trains on."""
+    additional = {"requeue": True}  # requeueable even where the cluster's JobRequeue=0: preemption and submitit requeue
+    if dependency:
+        additional["dependency"] = dependency
     params = {
         "name": name, "nodes": 1, "tasks_per_node": 1, "timeout_min": resources.timeout_min,
         "cpus_per_task": resources.cpus_per_task, "mem_gb": resources.mem_gb,
         "slurm_signal_delay_s": options.signal_delay_s, "slurm_array_parallelism": options.array_parallelism,
-        # requeueable even where the cluster's JobRequeue=0: preemption and submitit both requeue
-        "slurm_additional_parameters": {"requeue": True},
+        "slurm_additional_parameters": additional,
     }
     if resources.gpus_per_node:
         params["gpus_per_node"] = resources.gpus_per_node
@@ -270,12 +273,13 @@ def sbatch_script(folder: Path, parameters: dict, array_size: int) -> str:
 
 
 def array_groups(cells: list, options: LaunchOptions, name: str, max_array_size: int) -> list[tuple[dict, list]]:
-    """The job arrays a list of cells (objects with `.cfg`) is submitted as: one per distinct
-    executor parameters (cells asking Slurm for the same thing), chunked to the cluster's
-    MaxArraySize. The dry run shows exactly these; the submission submits exactly these."""
+    """The job arrays a list of cells (objects with `.cfg`, and a `.dependency` when they wait on a
+    job) is submitted as: one per distinct executor parameters (cells asking Slurm for the same
+    thing, after the same job), chunked to the cluster's MaxArraySize. The dry run shows exactly
+    these; the submission submits exactly these."""
     groups: dict[str, tuple[dict, list]] = {}
     for cell in cells:
-        params = executor_parameters(cell.cfg.resources, options, name)
+        params = executor_parameters(cell.cfg.resources, options, name, getattr(cell, "dependency", None))
         groups.setdefault(json.dumps(params, sort_keys=True), (params, []))[1].append(cell)
     return [(params, group[start:start + max_array_size])
             for params, group in groups.values() for start in range(0, len(group), max_array_size)]

@@ -12,6 +12,17 @@ result document (the job, the benchmarks and the tests all build theirs here).
 
 Beside the cells, the sweep folder holds `manifest.json`, `logs/` (submitit's) and `.replaced/`
 (runs moved aside by --force).
+
+A hard-example pool (nli_grpo.bootstrap; `results/bootstrap/<pool>/`, `PoolFolder`):
+
+    pool_spec.json         what to sample (base model, samples, threshold, seed, data settings)
+    chunks/chunk-<k>.jsonl the sampled items of chunk k, each written whole
+    shard-<i>-of-<n>.json  a shard job's state (running / preempted / complete / failed, items done)
+    merge.json             the merge job's state
+    anli_hard.jsonl        the pool, in ANLI's schema plus the sampling statistics
+    pool.json              its record: items, hard items, sha256, fingerprint, model and revision,
+                           sampling settings; written last, so its presence means the pool is complete
+    manifest.json, logs/   as in a sweep folder
 """
 
 from __future__ import annotations
@@ -178,3 +189,50 @@ def result_document(cfg: ExperimentConfig, **fields) -> dict:
     if doc["versions"] is None:
         doc["versions"] = results.package_versions()
     return doc
+
+
+# --------------------------------------------------------------------------- the pool folder
+POOL_FILENAME = "anli_hard.jsonl"
+POOL_RECORD_FILENAME = "pool.json"
+POOL_SPEC_FILENAME = "pool_spec.json"
+CHUNKS_DIRNAME = "chunks"
+MERGE_STATE_FILENAME = "merge.json"
+
+
+class PoolFolder:
+    """The paths of a hard-example pool's folder (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"PoolFolder({str(self.path)!r})"
+
+    @property
+    def pool(self) -> Path:
+        return self.path / POOL_FILENAME
+
+    @property
+    def record(self) -> Path:
+        return self.path / POOL_RECORD_FILENAME
+
+    @property
+    def spec(self) -> Path:
+        return self.path / POOL_SPEC_FILENAME
+
+    @property
+    def merge_state(self) -> Path:
+        return self.path / MERGE_STATE_FILENAME
+
+    def chunk(self, index: int) -> Path:
+        return self.path / CHUNKS_DIRNAME / f"chunk-{index:05d}.jsonl"
+
+    def shard_id(self, index: int, count: int) -> str:
+        return f"shard-{index:02d}-of-{count:02d}"
+
+    def shard_state(self, index: int, count: int) -> Path:
+        return self.path / f"{self.shard_id(index, count)}.json"
+
+    def complete(self) -> bool:
+        """The pool is merged (its record is written last)."""
+        return self.record.is_file() and self.pool.is_file()

@@ -156,14 +156,20 @@ def configs_of(args, extra: list[str]) -> list[ExperimentConfig]:
     from .job import config_for_run
 
     if args.sweep:
-        from .sweep import load_sweep_file, parse_args, plan
+        from .pool import sampling_config
+        from .sweep import load_sweep_file, parse_args, plan, sweep_pool
 
         sweep = load_sweep_file(args.sweep)
-        cells = plan(sweep, parse_args(sweep, extra))
+        sweep_args = parse_args(sweep, extra)
+        cells = plan(sweep, sweep_args)
         invalid = [f"{c.cell_id}: {p}" for c in cells for p in c.problems]
         if invalid:
             raise ConfigError("; ".join(invalid))
-        return [c.cfg for c in cells]
+        cfgs = [c.cfg for c in cells]
+        pool = sweep_pool(sweep, sweep_args) if sweep.pool is not None else None
+        if pool is not None and any(cfg.data.files.get("anli_hard") == str(pool.folder(sweep_args.results).pool) for cfg in cfgs):
+            cfgs.append(sampling_config(pool.spec()))  # the pool the cells train on is sampled with its base model
+        return cfgs
     return [config_for_run(args.config, extra)]
 
 

@@ -109,6 +109,15 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.flush()
 
 
+def load_json(path: str | os.PathLike) -> Any:
+    """A small JSON file (a state or record file), or None when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return orjson.loads(f.read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSON-lines log, skipping a torn last line left by a killed writer."""
     records = []

@@ -14,8 +14,11 @@ from .config import ResourcesConfig
 #: squeue states of a job that is still in the queue (a rerun must not submit its cell again).
 QUEUED_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
                  "REQUEUE_FED", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+#: A pending job whose dependency failed: it would pend forever (Slurm keeps it unless
+#: kill_invalid_depend is set). Reported as this pseudo-state, which is not "queued".
+BLOCKED = "BLOCKED"
 #: What `squeue` / `sacct` are asked to print (the parsers below read exactly this).
-SQUEUE_FORMAT = "%i|%T"
+SQUEUE_FORMAT = "%i|%T|%r"
 SINFO_NODE_FORMAT = "%G|%m|%c"
 
 
@@ -25,12 +28,15 @@ class SlurmError(RuntimeError):
 
 # --------------------------------------------------------------------------- parsing
 def parse_squeue(text: str) -> dict[str, str]:
-    """`squeue --noheader --array --format=%i|%T` -> {job id (array tasks one by one, `123_4`):
-    state}, for the jobs still in the queue."""
+    """`squeue --noheader --array --format=%i|%T|%r` -> {job id (array tasks one by one, `123_4`):
+    state}, for the jobs still in the queue; a pending job whose dependency can never be satisfied
+    is BLOCKED (it will not run: the sweep cancels and replaces it)."""
     jobs = {}
-    for line in text.split():
-        job, _, state = line.partition("|")
-        if state in QUEUED_STATES:
+    for line in text.splitlines():
+        job, state, reason = (line.strip().split("|") + ["", ""])[:3]
+        if state == "PENDING" and reason == "DependencyNeverSatisfied":
+            jobs[job] = BLOCKED
+        elif state in QUEUED_STATES:
             jobs[job] = state
     return jobs
 
@@ -120,6 +126,12 @@ def accounting_states(job_ids: list[str]) -> dict[str, str]:
         return parse_sacct(run_command("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(base)))
     except SlurmError:
         return {}
+
+
+def cancel(job_ids: list[str]) -> None:
+    """Cancel jobs (e.g. ones blocked on a failed dependency, before they are replaced)."""
+    if job_ids:
+        run_command("scancel", *job_ids)
 
 
 def max_array_size() -> int:

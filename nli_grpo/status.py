@@ -27,9 +27,9 @@ from pathlib import Path
 
 from . import manifest as manifests
 from . import results, slurm
-from .layout import RESULT_FILENAME, CellFolder
+from .layout import POOL_SPEC_FILENAME, RESULT_FILENAME, CellFolder, PoolFolder
 
-STATES = ("pending", "running", "preempted", "complete", "failed", "missing")
+STATES = ("pending", "running", "preempted", "blocked", "complete", "failed", "missing")
 #: sacct states of a job that ended without its cell finishing.
 _ENDED_BADLY = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
@@ -70,7 +70,9 @@ def cell_status(cell_id: str, run_dir: Path, job: tuple[str, str] | None, queue:
     steps, max_steps = _steps(doc, folder)
     line = CellStatus(cell_id, "missing", bool(in_queue), job_id, ((doc or {}).get("slurm") or {}).get("attempts"),
                       steps, max_steps, (doc or {}).get("updated_at"))
-    if in_queue:
+    if in_queue == slurm.BLOCKED:
+        line.state, line.queued, line.detail = "blocked", False, blocked_detail(folder)
+    elif in_queue:
         line.state = "running" if in_queue in ("RUNNING", "COMPLETING") else ("preempted" if status == "preempted" else "pending")
         line.detail = in_queue.lower() if line.state == "preempted" else ""
     elif status in ("complete", "failed"):
@@ -85,6 +87,21 @@ def cell_status(cell_id: str, run_dir: Path, job: tuple[str, str] | None, queue:
     elif job_id and (ended or {}).get(job_id, "").startswith(_ENDED_BADLY):
         line.state, line.detail = "failed", f"job {job_id} {ended[job_id].lower()} before writing a result"
     return line
+
+
+def blocked_detail(folder: CellFolder) -> str:
+    """Why a cell's job waits forever: the job it depends on failed (its pool's merge, when it
+    trains on a pool being built), and what to do."""
+    import yaml
+
+    try:
+        files = ((yaml.safe_load(folder.config_snapshot.read_text()) or {}).get("data") or {}).get("files") or {}
+    except (OSError, yaml.YAMLError):
+        files = {}
+    merge = results.load_json(PoolFolder(Path(files["anli_hard"]).parent).merge_state) if files.get("anli_hard") else None
+    cause = (f"its pool's merge failed ({merge.get('error') or 'see its log'}; python -m nli_grpo.status "
+             f"{Path(files['anli_hard']).parent})" if merge and merge.get("status") == "failed" else "a job it depends on failed")
+    return f"blocked: {cause}; fix that, then run the sweep again (it cancels and resubmits this cell)"
 
 
 def sweep_status(sweep_dir: str | Path, cell_ids: list[str] | None = None,
@@ -140,15 +157,49 @@ def print_status(name: str, lines: list[CellStatus], console=None) -> None:
     console.print(summary_line(name, lines))
 
 
+def print_pools(folders: list[PoolFolder], as_json: bool = False) -> int:
+    """The shards and the merge of hard-example pools (sweeps/bootstrap.py, or built for a sweep)."""
+    from rich.table import Table
+
+    from .pool import folder_states
+
+    try:
+        queue = slurm.queued_jobs()
+    except slurm.SlurmError:
+        queue = None
+    console = make_console()
+    for folder in folders:
+        states = folder_states(folder, queue)
+        if as_json:
+            for state in states:
+                print(json.dumps({"pool": str(folder.path), **asdict(state)}))
+            continue
+        table = Table(title=f"pool {folder.path.name}" + (": complete" if folder.complete() else ""))
+        for column in ("part", "state", "job", "done", "detail"):
+            table.add_column(column, overflow="fold")
+        for state in states:
+            done = f"{state.done}/{state.total} chunks" if state.total else "—"
+            table.add_row(state.part, state.state, state.job_id or "—", done, state.detail)
+        console.print(table)
+        record = results.load_json(folder.record)
+        if record:
+            console.print(f"{record['hard_items']} hard items of {record['items']}; sha256 {record['sha256'][:12]}; {folder.pool}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nli_grpo.status", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", help="a sweep's results folder, e.g. results/lora_rank")
+    parser.add_argument("sweep_dir", help="a sweep's results folder, e.g. results/lora_rank (or a pool's: results/bootstrap/...)")
     parser.add_argument("--json", action="store_true", help="one JSON object per cell instead of the table")
     args = parser.parse_args(argv)
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
         print(f"error: {sweep_dir} is not a folder; give a sweep's results folder, e.g. results/lora_rank", file=sys.stderr)
         return 2
+    pools = [sweep_dir] if (sweep_dir / POOL_SPEC_FILENAME).is_file() else sorted(
+        p.parent for p in sweep_dir.glob(f"*/{POOL_SPEC_FILENAME}"))
+    if pools:
+        return print_pools([PoolFolder(p) for p in pools], args.json)
     lines = sweep_status(sweep_dir, queue=slurm.queued_jobs, accounting=slurm.accounting_states)
     if args.json:
         for line in lines:

@@ -39,6 +39,8 @@ from .grid import (
 )
 from .job import config_for_run, conflicting_inputs
 from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, CellFolder
+from .pool import Pool, describe_plan, ensure_pool
+from .pool import input_problems as pool_input_problems
 
 SMOKE_RECIPE = "smoke"
 #: Keys a smoke run takes from the smoke recipe, whatever the sweep's axes say: the tiny model in
@@ -70,6 +72,9 @@ class Sweep:
     grids: list = field(default_factory=list)
     seeds: list = field(default_factory=lambda: [0])
     description: str = ""
+    pool: Pool | None = field(default_factory=Pool)
+    """The hard-example pool of the cells that train on `anli_hard` without a pool file of their
+    own (the paper's: ANLI items hard for Qwen2.5-7B); built first when missing (nli_grpo.pool)."""
 
     def blocks(self) -> list[Grid]:
         return ([Grid(self.recipe, dict(self.axes))] if self.recipe else []) + list(self.grids)
@@ -88,6 +93,10 @@ class PlannedCell:
     problems: list = field(default_factory=list)
     action: str = "submit"
     reason: str = ""
+    dependency: str | None = None
+    """A Slurm dependency of its job (`afterok:<merge job>` while its pool is built)."""
+    blocked_job: str | None = None
+    """Its earlier job, pending forever on a failed dependency (cancelled when the cell is resubmitted)."""
 
     @property
     def cell_id(self) -> str:
@@ -119,6 +128,20 @@ def parse_args(sweep: Sweep, argv=None) -> argparse.Namespace:
         epilog="Positional key=value overrides apply to every cell (e.g. grpo.max_steps=100). "
                f"Watch it with: python -m nli_grpo.status results/{sweep.name}",
     )
+    _where_and_resources(parser, "resources per cell (default: per model size, from the recipe / grid)")
+    parser.add_argument("--gpu-memory-gb", type=int, help="memory of one GPU of the nodes, for the fit check (default 80)")
+    grid = parser.add_argument_group("grid")
+    grid.add_argument("--seeds", type=_int_list, help=f"comma-separated seeds (default {','.join(map(str, sweep.seeds))})")
+    for flag, (key, kind, text) in AXIS_FLAGS.items():
+        grid.add_argument(f"--{flag}", type=_list_of(kind), help=f"only these {text} ({key})")
+    grid.add_argument("--smoke", action="store_true", help="tiny model on the CPU with the shipped sample data: the sweep's shape, shrunk, in minutes")
+    grid.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every cell")
+    run_ = _run_arguments(parser, "the sweep writes to <results>/<sweep>/")
+    run_.add_argument("--force", action="store_true", help="also resubmit complete cells (their folders move to <sweep>/.replaced/); queued ones never")
+    return _parse(parser, argv)
+
+
+def _where_and_resources(parser: argparse.ArgumentParser, resources_title: str) -> None:
     where = parser.add_argument_group("where")
     where.add_argument("--cluster", choices=launch.CLUSTERS, help="slurm (default), local (this machine, waits), debug (in-process); --smoke defaults to local")
     where.add_argument("--partition", help="Slurm partition (default: the cluster's default partition)")
@@ -126,28 +149,27 @@ def parse_args(sweep: Sweep, argv=None) -> argparse.Namespace:
     where.add_argument("--qos")
     where.add_argument("--constraint", help="Slurm node features, e.g. a100|h100")
     where.add_argument("--array-parallelism", type=int, default=256, help="array tasks running at once (default 256)")
-    res = parser.add_argument_group("resources per cell (default: per model size, from the recipe / grid)")
+    res = parser.add_argument_group(resources_title)
     res.add_argument("--gpus-per-node", type=int)
     res.add_argument("--cpus-per-task", type=int)
     res.add_argument("--mem-gb", type=int)
-    res.add_argument("--gpu-memory-gb", type=int, help="memory of one GPU of the nodes, for the fit check (default 80)")
     res.add_argument("--time", type=slurm.parse_time_min, help="time limit: minutes or [D-]HH:MM[:SS]")
-    grid = parser.add_argument_group("grid")
-    grid.add_argument("--seeds", type=_int_list, help=f"comma-separated seeds (default {','.join(map(str, sweep.seeds))})")
-    for flag, (key, kind, text) in AXIS_FLAGS.items():
-        grid.add_argument(f"--{flag}", type=_list_of(kind), help=f"only these {text} ({key})")
-    grid.add_argument("--smoke", action="store_true", help="tiny model on the CPU with the shipped sample data: the sweep's shape, shrunk, in minutes")
-    grid.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every cell")
+
+
+def _run_arguments(parser: argparse.ArgumentParser, results_help: str):
     run_ = parser.add_argument_group("run")
-    run_.add_argument("--results", default="results", help="results root (default results/); the sweep writes to <results>/<sweep>/")
+    run_.add_argument("--results", default="results", help=f"results root (default results/); {results_help}")
     run_.add_argument("--dry-run", action="store_true", help="validate and print the plan and the sbatch script(s); submit nothing")
     run_.add_argument("--retries", type=int, default=launch.DEFAULT_RETRIES,
-                      help="restarts of a cell whose training is killed by a signal (OOM killer, node fault), per job "
+                      help="restarts of a job whose training is killed by a signal (OOM killer, node fault), per job "
                            f"(default {launch.DEFAULT_RETRIES}); errors are never retried")
-    run_.add_argument("--force", action="store_true", help="also resubmit complete cells (their folders move to <sweep>/.replaced/); queued ones never")
     run_.add_argument("--online", action="store_true",
                       help="the compute nodes reach the hub: jobs may download, and cells need no prepared inputs "
                            "(default: jobs run offline against the cache that `python -m nli_grpo.prepare` fills)")
+    return run_
+
+
+def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_intermixed_args(argv)
     args.argv = argv
@@ -226,10 +248,35 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> list[PlannedCell]:
                 cells.setdefault(label, PlannedCell(label, problems=[str(err)]))
                 continue
             cfg.output.dir = str(sweep_dir / cfg.output.cell_id)
+            if sweep.pool is not None and needs_pool_file(cfg):
+                cfg.data.files["anli_hard"] = str(sweep_pool(sweep, args).folder(args.results).pool)
             cell = PlannedCell(label, cfg)
             cell.problems = capability_problems(cfg) + memory_problems(cfg)
             cells.setdefault(cell.cell_id, cell)
     return list(cells.values())
+
+
+def needs_pool_file(cfg: ExperimentConfig) -> bool:
+    """A training cell on `anli_hard` with no pool of its own (a file, a local folder, the cache)."""
+    from .data import TRAIN_SOURCES, local_file
+
+    return (cfg.stage == "grpo" and cfg.data.train_source == "anli_hard"
+            and local_file(TRAIN_SOURCES["anli_hard"], cfg.data.local_dir, cfg.data.files) is None)
+
+
+def sweep_pool(sweep: Sweep, args: argparse.Namespace) -> Pool:
+    """The sweep's pool as this run builds it (--smoke: on the tiny model, in seconds)."""
+    return sweep.pool.smoke() if args.smoke else sweep.pool
+
+
+def cells_waiting_for_pool(sweep: Sweep, args: argparse.Namespace, cells: list[PlannedCell]) -> list[PlannedCell]:
+    """Cells to submit that train on the sweep's pool while it is not built yet."""
+    if sweep.pool is None:
+        return []
+    folder = sweep_pool(sweep, args).folder(args.results)
+    if folder.complete():
+        return []
+    return [c for c in cells if c.action == "submit" and c.cfg.data.files.get("anli_hard") == str(folder.pool)]
 
 
 def results_dir_problem(sweep_dir: Path) -> str | None:
@@ -253,7 +300,8 @@ def results_dir_problem(sweep_dir: Path) -> str | None:
 
 def decide(cells: list[PlannedCell], sweep_dir: Path, force: bool, queue=slurm.queued_jobs) -> None:
     """Set each valid cell's action from its status: queued cells are never submitted again,
-    complete ones only with --force, everything else (failed, preempted, missing) is submitted.
+    complete ones only with --force, everything else (failed, preempted, missing, blocked on a
+    failed dependency) is submitted.
     Without a queue to ask (local runs), a cell whose result says running is left alone too.
     A cell whose earlier run used other settings is refused: resuming its checkpoints under a
     new config would mix two experiments (--force starts it afresh, the old run moved aside)."""
@@ -272,6 +320,8 @@ def decide(cells: list[PlannedCell], sweep_dir: Path, force: bool, queue=slurm.q
                                  "settings it was submitted with, or --force to start it afresh")
         else:
             cell.action, cell.reason = "submit", state.state + (" (--force)" if force and state.state != "missing" else "")
+            if state.state == "blocked":  # its job waits on one that failed: replace it
+                cell.blocked_job = state.job_id
 
 
 def changed_settings(cell: PlannedCell) -> list[str]:
@@ -319,8 +369,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         grid_args = [a for a in args.argv if a not in ("--dry-run", "--force", "--online")]
         refusals.append("inputs missing: on the login node, run `" + shlex.join(["python", "-m", "nli_grpo.prepare", "--sweep",
                         sweep.name, *grid_args]) + "` (it downloads what the cells need; `--from DIR` ingests the datasets' "
-                        "original files instead), then submit again. A cell training on anli_hard also needs the pool: "
-                        "`python -m nli_grpo.bootstrap`. If the nodes reach the hub, --online skips this check.")
+                        "original files instead), then submit again. If the nodes reach the hub, --online skips this check.")
     options = launch.LaunchOptions(cluster=args.cluster, partition=args.partition, account=args.account, qos=args.qos,
                                    constraint=args.constraint, array_parallelism=args.array_parallelism,
                                    retries=args.retries, online=args.online)
@@ -351,6 +400,25 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
                       + ". Fix them (or leave those cells out with --ranks/--quantizations/--models) and run again.")
         return 2
     todo = [c for c in cells if c.action == "submit"]
+    waiting = cells_waiting_for_pool(sweep, args, cells)
+    if waiting and (problems := pool_input_problems(sweep_pool(sweep, args), args.online)):
+        for problem in problems:
+            console.print(f"[red]refused:[/] {len(waiting)} cell(s) train on a pool that is not built yet, and building it needs "
+                          f"inputs: {problem}", soft_wrap=True)
+        console.print("[red]Nothing submitted.[/] Stage them with `" + shlex.join(["python", "-m", "nli_grpo.prepare", "--sweep",
+                      sweep.name, *[a for a in args.argv if a not in ("--dry-run", "--force", "--online")]])
+                      + "` (the pool's base model and the ANLI training rounds among them), then submit again.")
+        return 2
+    if waiting:
+        try:
+            pool_plan = ensure_pool(sweep_pool(sweep, args), args.results, options,
+                                    slurm.queued_jobs() if args.cluster == "slurm" else None, dry_run=args.dry_run)
+        except slurm.SlurmError as err:
+            console.print(f"[red]error:[/] the pool could not be submitted: {err}. Nothing else was submitted.")
+            return 1
+        console.print(describe_plan(pool_plan), soft_wrap=True)
+        for c in waiting:
+            c.dependency = f"afterok:{pool_plan.merge_job or '<the pool merge job>'}" if pool_plan.merge_job or args.dry_run else None
     if args.dry_run:
         if args.cluster == "slurm":
             _print_sbatch(todo, options, sweep_dir, name, array_limit, console)
@@ -362,6 +430,9 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     if args.force:
         for c in todo:
             _move_aside(c)
+    replaced = [job for c in todo if (job := c.blocked_job)]
+    if replaced:  # pending forever on a failed dependency: replaced by the new submissions
+        slurm.cancel(replaced)
     folder = sweep_dir / LOGS_DIRNAME
     jobs, errors = launch.submit_cells(todo, options, folder, f"nli_grpo_{name}", array_limit)
     described = {c.cell_id: {"cell": cell_from_config(c.cfg), "run_dir": str(c.run_dir), "command": launch.train_command(c.run_dir)}
@@ -420,3 +491,114 @@ def _wait_here(jobs: dict, console) -> None:
             job.result()
         except Exception as err:  # noqa: BLE001 - the status table shows the cell as failed
             console.print(f"[red]{cell_id} failed[/]: {str(err).strip().splitlines()[-1]}")
+
+
+# --------------------------------------------------------------------------- a pool alone
+@dataclass
+class PoolSweep:
+    """A hard-example pool as a sweep of its own (sweeps/bootstrap.py): shards as one job array,
+    then the merge; the same validation, dry run, manifest and idempotent rerun as a grid."""
+
+    pool: Pool = field(default_factory=Pool)
+    description: str = "the hard-example pool"
+
+    def main(self, argv: list[str] | None = None) -> int:
+        return run_pool(self, parse_pool_args(self, argv))
+
+
+def parse_pool_args(sweep: PoolSweep, argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python sweeps/bootstrap.py",
+        description=f"{sweep.description}: validate, then submit its shards (one job array) and the merge after them.",
+        epilog="Watch it with: python -m nli_grpo.status results/bootstrap/<pool>. Training sweeps build it by themselves "
+               "when a cell needs it.")
+    _where_and_resources(parser, "resources per shard job (default: the pool's, a 7B node)")
+    pool = parser.add_argument_group("the pool")
+    pool.add_argument("--shards", type=int, help=f"jobs of the array (default {sweep.pool.shards})")
+    pool.add_argument("--base", help=f"the model whose difficulties define the pool (default {sweep.pool.base})")
+    pool.add_argument("--quantization", choices=("bf16", "awq", "bnb4"))
+    pool.add_argument("--samples", type=int, help=f"completions per item (default {sweep.pool.samples})")
+    pool.add_argument("--below", type=float, help=f"keep items whose accuracy is below this (default {sweep.pool.below})")
+    pool.add_argument("--seed", type=int, help=f"sampling seed (default {sweep.pool.seed})")
+    pool.add_argument("--limit", type=int, help="first N items of each round (a quick look)")
+    pool.add_argument("--smoke", action="store_true", help="the tiny model and the shipped samples, on the CPU, in seconds")
+    pool.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides of the sampling run")
+    _run_arguments(parser, "the pool goes to <results>/bootstrap/<pool>/")
+    return _parse(parser, argv)
+
+
+def pool_of(sweep: PoolSweep, args: argparse.Namespace) -> Pool:
+    """The declared pool with the command line's changes."""
+    from dataclasses import replace
+
+    pool = sweep.pool.smoke() if args.smoke else sweep.pool
+    changes = {k: getattr(args, k) for k in ("shards", "base", "quantization", "samples", "below", "seed", "limit")
+               if getattr(args, k) is not None}
+    if args.overrides:
+        changes["overrides"] = (*pool.overrides, *args.overrides)
+    resources = {f: getattr(args, flag) for flag, f in RESOURCE_FLAGS.items() if f != "gpu_memory_gb" and getattr(args, flag) is not None}
+    if resources:
+        changes["resources"] = {**pool.resources, **resources}
+    return replace(pool, **changes)
+
+
+def run_pool(sweep: PoolSweep, args: argparse.Namespace) -> int:
+    """Validate the pool, show its parts, and (unless --dry-run) submit what is missing."""
+    from rich.table import Table
+
+    from .config import ResourcesConfig
+    from .pool import MERGE_ID, MERGE_RESOURCES, input_problems, merge_command, part_states, sampling_config
+
+    console = status.make_console()
+    pool = pool_of(sweep, args)
+    problems = [f"--shards {pool.shards}: give 1 or more"] if pool.shards < 1 else []
+    try:
+        sampling_config(pool.spec())
+    except ConfigError as err:
+        problems.append(str(err))
+    folder = pool.folder(args.results)
+    problems += [p for p in [results_dir_problem(folder.path)] if p]
+    if not problems:
+        problems += input_problems(pool, args.online)
+    options = launch.LaunchOptions(cluster=args.cluster, partition=args.partition, account=args.account, qos=args.qos,
+                                   constraint=args.constraint, array_parallelism=args.array_parallelism,
+                                   retries=args.retries, online=args.online)
+    queue = None
+    try:
+        if args.cluster == "slurm":
+            facts = slurm.partition_facts(args.partition)
+            options.partition, options.grace_time_s = facts["name"], facts["grace_time_s"]
+            problems += slurm.resource_problems(ResourcesConfig(**pool.resources), facts)
+            queue = slurm.queued_jobs()
+    except slurm.SlurmError as err:
+        problems.append(str(err))
+    if problems:
+        for problem in problems:
+            console.print(f"[red]refused:[/] {problem}", soft_wrap=True)
+        console.print("[red]Nothing submitted.[/] Stage the inputs with `python -m nli_grpo.prepare` (the base model and "
+                      "the ANLI training rounds), or fix the above, and run again.")
+        return 2
+    table = Table(title=f"pool {pool.pool_id}: {folder.path}")
+    for column in ("part", "state", "job", "done", "detail"):
+        table.add_column(column, overflow="fold")
+    for part in part_states(pool, folder, queue):
+        done = f"{part.done}/{part.total} chunks" if part.total else "—"
+        table.add_row(part.part, part.state, part.job_id or "—", done, part.detail)
+    console.print(table)
+    plan = ensure_pool(pool, args.results, options, queue, dry_run=args.dry_run)
+    console.print(describe_plan(plan), soft_wrap=True)
+    if args.dry_run and args.cluster == "slurm" and plan.to_submit:
+        logs = folder.path / LOGS_DIRNAME
+        shards = [p for p in plan.to_submit if p != MERGE_ID]
+        if shards:
+            params = launch.executor_parameters(ResourcesConfig(**pool.resources), options, f"nli_grpo_bootstrap_{pool.pool_id[:40]}")
+            console.rule(f"job array: {len(shards)} shard(s)")
+            console.print(launch.sbatch_script(logs, params, len(shards)), markup=False, highlight=False, soft_wrap=True)
+        params = launch.executor_parameters(MERGE_RESOURCES, options, "nli_grpo_bootstrap_merge",
+                                            dependency="afterok:<the shard jobs>" if shards else None)
+        console.rule(f"the merge: {shlex.join(merge_command(folder))}")
+        console.print(launch.sbatch_script(logs, params, 1), markup=False, highlight=False, soft_wrap=True)
+        console.print("dry run: nothing was submitted.")
+    elif not args.dry_run:
+        console.print(f"watch it: python -m nli_grpo.status {folder.path}")
+    return 0

@@ -32,11 +32,12 @@ from nli_grpo.results import append_jsonl, atomic_write_json
 def make_result(sweep: str, *, model: str = "qwen2.5-7b", quantization: str = "bf16", lora_rank: int | None = 64,
                 seed: int = 0, status: str = "complete", scores: dict[str, float] | None = None,
                 strict_penalty: float = 0.05, updated_at: str = "2025-01-01T00:00:00+00:00",
-                data: dict[str, str] | None = None, **extra_axes) -> dict:
+                data: dict[str, str] | None = None, pool: str | None = None, **extra_axes) -> dict:
     """A result document as a job writes it (nli_grpo.layout.result_document); `scores` maps
     benchmark -> accuracy (fraction), and accuracy_strict is `accuracy - strict_penalty`.
     lora_rank=None makes a zero-shot baseline; keyword axes become extra cell axes; `data` maps
-    benchmark -> the sha256 of the data it was evaluated on (its fingerprint)."""
+    benchmark -> the sha256 of the data it was evaluated on (its fingerprint), `pool` is the sha256
+    of the training pool."""
     cfg = ExperimentConfig(stage="zero_shot" if lora_rank is None else "grpo", seed=seed)
     cfg.model.name_or_path, cfg.model.quantization = f"Qwen/{model}-Instruct", quantization
     cfg.lora.rank = lora_rank or 64
@@ -46,7 +47,8 @@ def make_result(sweep: str, *, model: str = "qwen2.5-7b", quantization: str = "b
                  "n": 1000} for b, a in (scores or {}).items()}
     for b, sha in (data or {}).items():
         evals[b]["fingerprint"] = {"sha256": sha, "rows": 1000}
-    return result_document(cfg, status=status, versions={"python": "3.11"}, slurm={"job_id": "1"}, eval=evals,
+    train = {"steps_done": 1, "data": {"fingerprint": {"sha256": pool, "rows": 500}}} if pool else None
+    return result_document(cfg, status=status, versions={"python": "3.11"}, slurm={"job_id": "1"}, eval=evals, train=train,
                            error="CUDA out of memory" if status == "failed" else None,
                            created_at=updated_at, updated_at=updated_at)
 
@@ -449,3 +451,23 @@ def test_cells_computed_on_different_data_are_marked_not_averaged_silently(tmp_p
     text = table_markdown(table)
     assert "50.00 ± 0.00†" in text and "Data:\n- † ANLI R1: computed on different data" in text
     assert format_stat(rows["64"].cells["snli"]).endswith("0") and "†" not in format_stat(rows["64"].cells["snli"])
+
+
+def test_cells_trained_on_different_pools_are_marked(tmp_path):
+    root = tmp_path / "results"
+    for seed, pool in ((0, "c" * 64), (1, "c" * 64), (2, "d" * 64)):
+        write_result(root, make_result("pools", lora_rank=64, seed=seed, scores={"anli_r1": 0.5}, pool=pool))
+    write_result(root, make_result("pools", lora_rank=None, scores={"anli_r1": 0.4}))  # zero-shot: trained on nothing
+    [sweep] = build_sweep_results(collect([root]).runs)
+    main = next(t for t in tables_for(sweep) if t.name == "main")
+    grpo = [row for row in main.rows if row.labels.get("system") == "GRPO"]
+    assert grpo and all(row.cells["anli_r1"].mixed for row in grpo)
+    zero_shot = [row for row in main.rows if row.labels.get("system") == "zero-shot"]
+    assert zero_shot and not any(row.cells["anli_r1"].mixed for row in zero_shot)  # trained on no pool
+    assert main.notes == [f"the trained cells used different training pools (2: {'c' * 10}/500, {'d' * 10}/500); "
+                          "the marked cells are not comparable"]
+    same = tmp_path / "same"
+    for seed in (0, 1):
+        write_result(same, make_result("pools", lora_rank=64, seed=seed, scores={"anli_r1": 0.5}, pool="c" * 64))
+    [sweep] = build_sweep_results(collect([same]).runs)
+    assert all(not t.notes for t in tables_for(sweep))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nli_grpo import manifest, results, slurm, status
-from nli_grpo.layout import CONFIG_SNAPSHOT_FILENAME, MANIFEST_FILENAME, RESULT_FILENAME, CellFolder
+from nli_grpo.layout import CONFIG_SNAPSHOT_FILENAME, MANIFEST_FILENAME, RESULT_FILENAME, CellFolder, PoolFolder
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -181,3 +181,93 @@ def test_a_sweep_with_inputs_missing_queues_nothing_and_names_prepare(tmp_path, 
     passes = sweep_command(*argv, f"model.name_or_path={model}", env=env)
     assert passes.returncode == 0, passes.stdout + passes.stderr
     assert "dry run: 1 of 1 cells would be submitted" in passes.stdout
+
+
+# --------------------------------------------------------------------------- the pool, then the cells that train on it
+POOL_CELLS = ["--smoke", "--cluster", "slurm", "--partition", "gpu", "data.train_source=anli_hard", *QUICK_EVAL]
+
+
+def pool_folder(root: Path) -> Path:
+    [folder] = (root / "bootstrap").iterdir()
+    return folder
+
+
+def sacct_times(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """job id -> (start, end) as sacct reports them (ISO times sort as text)."""
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,Start,End", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))],
+                         capture_output=True, text=True, check=True).stdout
+    return {job: (start, end) for job, start, end in (line.split("|") for line in out.splitlines() if line.count("|") == 2)}
+
+
+def test_one_command_builds_the_pool_then_trains_on_it_and_a_rerun_submits_nothing(tmp_path, job_env):
+    root = tmp_path / "results"
+    done = sweep_command(*POOL_CELLS, "--results", str(root), env=job_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the training cells wait on the merge" in done.stdout
+    sweep_dir, pool = root / "lora_rank-smoke", pool_folder(root)
+    pool_jobs = manifest.latest_jobs(manifest.read_manifest(pool))
+    cell_jobs = manifest.latest_jobs(manifest.read_manifest(sweep_dir))
+    assert sorted(pool_jobs) == ["merge", "shard-00-of-02", "shard-01-of-02"] and len(cell_jobs) == 2
+
+    def all_complete():
+        lines = status.sweep_status(sweep_dir, queue=slurm.queued_jobs)
+        return all(s.state == "complete" for s in lines) and lines
+    wait_for("the pool, then both cells", all_complete, 420, logs=sweep_dir / "logs")
+    times = sacct_times([j for j, _ in (*pool_jobs.values(), *cell_jobs.values())])
+    shard_end = max(times[pool_jobs[p][0]][1] for p in ("shard-00-of-02", "shard-01-of-02"))
+    merge_start, merge_end = times[pool_jobs["merge"][0]]
+    assert shard_end <= merge_start and all(merge_end <= times[j][0] for j, _ in cell_jobs.values()), times
+    record = json.loads((pool / "pool.json").read_text())
+    for cell_id in cell_jobs:
+        doc = results.read_result(CellFolder(sweep_dir / cell_id).result)
+        assert doc["train"]["data"]["fingerprint"] == record["fingerprint"] and doc["train"]["steps_done"] == 12
+
+    again = sweep_command(*POOL_CELLS, "--results", str(root), env=job_env)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout
+    assert len(manifest.read_manifest(pool)["submissions"]) == 1 and len(manifest.read_manifest(sweep_dir)["submissions"]) == 1
+
+
+def test_a_failed_merge_leaves_the_cells_blocked_and_a_rerun_after_the_fix_completes_them(tmp_path, job_env):
+    root = tmp_path / "results"
+    done = sweep_command(*POOL_CELLS, "--results", str(root), env=job_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    sweep_dir, pool = root / "lora_rank-smoke", pool_folder(root)
+    merge_job = manifest.latest_jobs(manifest.read_manifest(pool))["merge"][0]
+    subprocess.run(["scontrol", "hold", merge_job], check=True)  # so that a shard's work can be damaged first
+    folder = PoolFolder(pool)
+    wait_for("both shards", lambda: all(json.loads(folder.shard_state(i, 2).read_text()).get("status") == "complete"
+                                        for i in (0, 1) if folder.shard_state(i, 2).is_file()) and
+             folder.shard_state(1, 2).is_file() and folder.shard_state(0, 2).is_file(), 240, logs=pool / "logs")
+    damaged = folder.chunk(3)
+    damaged.write_text(damaged.read_text()[:-30])  # a chunk cut short
+    subprocess.run(["scontrol", "release", merge_job], check=True)
+
+    def blocked():
+        lines = status.sweep_status(sweep_dir, queue=slurm.queued_jobs)
+        return all(s.state == "blocked" for s in lines) and lines
+    lines = wait_for("the cells blocked on the failed merge", blocked, 240, logs=pool / "logs")
+    assert all("its pool's merge failed" in s.detail and "chunk-00003.jsonl" in s.detail for s in lines), lines
+    shown = subprocess.run([sys.executable, "-m", "nli_grpo.status", str(sweep_dir)], capture_output=True, text=True, env=job_env)
+    assert "blocked" in shown.stdout and "2 blocked" in shown.stdout
+    pool_shown = subprocess.run([sys.executable, "-m", "nli_grpo.status", str(root / "bootstrap")], capture_output=True, text=True,
+                                env=job_env)
+    assert "merge" in pool_shown.stdout and "failed" in pool_shown.stdout
+
+    damaged.unlink()  # the fix the merge's error names: sample that chunk again
+    again = sweep_command(*POOL_CELLS, "--results", str(root), env=job_env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "submitted shard-01-of-02" in again.stdout and "merge" in again.stdout  # chunk 3 is shard 1's
+
+    def all_complete():
+        lines = status.sweep_status(sweep_dir, queue=slurm.queued_jobs)
+        return all(s.state == "complete" for s in lines) and lines
+    wait_for("the cells after the fixed pool", all_complete, 420, logs=sweep_dir / "logs")
+    assert folder.complete() and not queued({j for j, _ in manifest.latest_jobs(manifest.read_manifest(sweep_dir)).values()})
+
+
+def test_the_dry_run_shows_the_pool_the_cells_wait_on(tmp_path, job_env):
+    done = sweep_command(*POOL_CELLS, "--dry-run", "--results", str(tmp_path / "results"), env=job_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "missing; would submit shard-00-of-02, shard-01-of-02, merge, and the training cells after its merge" in done.stdout
+    assert "#SBATCH --dependency='afterok:<the pool merge job>'" in done.stdout  # (a real job id is not quoted)
+    assert not (tmp_path / "results" / "bootstrap").exists()  # a dry run writes nothing

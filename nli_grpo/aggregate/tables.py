@@ -201,9 +201,12 @@ def _build_sweep_results(name: str, runs: list[tuple[str, dict]], metric: str,
             evals = doc["eval"]
             records.append([numbers[key]] + [(evals.get(b) or {}).get(metric) for b in shown])
             variant.unparsed.update(b for b in shown if b in evals and evals[b].get(metric) is None)
+            pool = data_mark(((doc.get("train") or {}).get("data") or {}).get("fingerprint"))
             for b in shown:
                 if (mark := data_mark((evals.get(b) or {}).get("fingerprint"))) is not None:
                     variant.data.setdefault(b, set()).add(mark)
+                if pool is not None and b in evals:  # every number of a trained cell depends on its pool
+                    variant.data.setdefault(b, set()).add(POOL_MARK + pool)
 
     # None (a benchmark a run did not evaluate) becomes NaN, which pandas leaves out of mean/std/count.
     frame = pd.DataFrame(np.array(records, dtype=float).reshape(-1, len(shown) + 1), columns=["variant", *shown])
@@ -315,25 +318,34 @@ def data_mark(fingerprint: dict | None) -> str | None:
     return f"{fingerprint['sha256'][:10]}/{fingerprint.get('rows')}"
 
 
+#: Prefix of the fingerprint of the pool a cell trained on, among the data marks of its numbers.
+POOL_MARK = "pool "
+
+
 def mark_mixed_data(table: Table) -> Table:
     """Mark the cells of every column whose numbers were computed on different data (a changed
-    dataset version, another file, a different eval.limit): they are not comparable, and a mean
-    over such seeds mixes them. An average is marked when one of its members is. The table gets a
-    note per such benchmark naming the fingerprints."""
-    def marks(column: str) -> set:
-        return set().union(*(row.cells[column].data for row in table.rows if row.cells[column].state == "ok"))
+    dataset version, another file, a different eval.limit), or by cells trained on different
+    pools: they are not comparable, and a mean over such seeds mixes them. An average is marked
+    when one of its members is. The table gets a note per cause, naming the fingerprints."""
+    def marks(column: str, pools: bool) -> set:
+        found = set().union(*(row.cells[column].data for row in table.rows if row.cells[column].state == "ok"))
+        return {m for m in found if m.startswith(POOL_MARK) == pools}
 
-    mixed = {c: marks(c) for c in table.columns if c not in AVERAGES and len(marks(c)) > 1}
+    pools = set().union(*(marks(c, pools=True) for c in table.columns))
+    mixed = {c: marks(c, pools=False) for c in table.columns if c not in AVERAGES and len(marks(c, pools=False)) > 1}
     for column in table.columns:
         members = set(AVERAGES[column][1] or table.columns) if column in AVERAGES else {column}
-        if not members & set(mixed):
-            continue
         for row in table.rows:
-            if row.cells[column].state == "ok":
-                row.cells[column] = replace(row.cells[column], mixed=True)
+            cell = row.cells[column]
+            trained_on_a_pool = any(m.startswith(POOL_MARK) for m in cell.data)
+            if cell.state == "ok" and (members & set(mixed) or (len(pools) > 1 and trained_on_a_pool)):
+                row.cells[column] = replace(cell, mixed=True)
         if column in mixed:
             table.notes.append(f"{column_label(column)}: computed on different data ({len(mixed[column])} versions: "
                                f"{', '.join(sorted(mixed[column]))}); the marked cells are not comparable")
+    if len(pools) > 1:
+        table.notes.append(f"the trained cells used different training pools ({len(pools)}: "
+                           f"{', '.join(sorted(p.removeprefix(POOL_MARK) for p in pools))}); the marked cells are not comparable")
     return table
 
 
