@@ -26,12 +26,15 @@ from .data import BENCHMARK_NAMES, TRAIN_SOURCES
 QUANTIZATIONS = ("bf16", "awq", "bnb4")
 DTYPES = ("float16", "bfloat16", "float32")
 MIXED_PRECISIONS = ("bf16", "fp16", "no")
-ROLLOUT_BACKENDS = ("hf", "vllm")
+ROLLOUT_BACKENDS = ("hf", "vllm", "vllm_server")
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 EVAL_BACKENDS = ("hf", "vllm")
 STAGES = ("grpo", "zero_shot")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("none", "group", "batch")
+TRACKERS = ("none", "tensorboard", "wandb", "trackio")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
@@ -130,7 +133,25 @@ class GRPOConfig:
 @dataclass
 class RolloutConfig:
     backend: str = "hf"
-    """`hf`: HF generate (the paper); `vllm`: colocated vLLM with LoRA adapter hot-swap."""
+    """`hf`: HF generate (the paper); `vllm`: vLLM in the training process (one GPU), with LoRA
+    adapter hot-swap; `vllm_server`: a vLLM server on GPUs of the job's own (rollout.server_gpus),
+    fed each adapter version through its /v1/load_lora_adapter, training on the other GPUs."""
+    server_gpus: int = 1
+    """`vllm_server`: GPUs of the job that run the server (tensor parallel when > 1); training
+    runs on the rest of resources.gpus_per_node. Ignored on CPU nodes (the server shares the host)."""
+    max_staleness: int = 0
+    """`vllm_server`: how many policy versions generation may run ahead of training (a version is
+    published at each generation batch). 0: on-policy, every batch sampled from the policy that
+    trains on it (the paper). k >= 1: the next k batches are generated while the current one
+    trains, and the loss is corrected by importance sampling (below)."""
+    importance_sampling_correction: Optional[bool] = None
+    """Weight the loss by the ratio of the trained policy's to the sampler's log-probs of each
+    token (TRL's vllm_importance_sampling_correction). Unset: on exactly when max_staleness >= 1.
+    Requires grpo.loss_temperature of 1 or of the sampling temperature (what vLLM can report)."""
+    importance_sampling_mode: str = "sequence_mask"
+    """How the ratio is bounded (TRL's vllm_importance_sampling_mode; its default)."""
+    importance_sampling_cap: float = 3.0
+    """Upper bound of the ratio (TRL's vllm_importance_sampling_clip_max; its default)."""
     gpu_memory_utilization: Optional[float] = None
     """vLLM's share of GPU memory (host memory on its CPU backend); unset: derived per model."""
     max_lora_rank: Optional[int] = None
@@ -199,6 +220,19 @@ class OutputConfig:
     extra_axes: Dict[str, str] = field(default_factory=dict)
     """Further axes that tell cells of one sweep apart beyond model, quantization, rank, seed and
     stage (e.g. `ablation: lora_rank` in the paper sweep); part of the cell and its id."""
+    report_to: List[str] = field(default_factory=lambda: ["none"])
+    """Trackers that get the live training curves (every optimizer step's loss, KL, reward...):
+    `none`, or one or more of `tensorboard` (event files in the cell's `tensorboard/`), `wandb`
+    (Weights & Biases: run name = cell id, group = sweep) and `trackio` (project = sweep, run name
+    = cell id). A preempted and requeued cell continues the same run; credentials come from the
+    environment only (e.g. WANDB_API_KEY) and are never written anywhere."""
+    wandb_project: Optional[str] = None
+    """W&B project of report_to=wandb; unset: $WANDB_PROJECT, else `nli_grpo`."""
+    wandb_mode: Optional[str] = None
+    """W&B mode: `online`, `offline` (the run is written under the cell's `wandb/`; `python -m
+    nli_grpo.status` prints the `wandb sync` command that uploads it) or `disabled`. Unset:
+    $WANDB_MODE, else `offline` when the job runs offline (HF_HUB_OFFLINE=1, as sweep jobs do
+    unless --online), else `online`."""
 
 
 @dataclass
@@ -280,6 +314,8 @@ def _explain(err: OmegaConfBaseException) -> str:
         close = difflib.get_close_matches(leaf, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(names)}" if names else "")
         return f"unknown config field {key!r}{hint}"
+    if key and "is not a ListConfig" in message:  # a list field given one value, e.g. output.report_to=wandb
+        return f"config field {key!r} takes a list: write it in brackets, e.g. {key}=[a,b]"
     return f"config field {key!r}: {message}" if key else message
 
 
@@ -329,11 +365,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(g.completions_per_step % g.num_generations == 0,
              f"grpo.completions_per_step={g.completions_per_step} must be divisible by grpo.num_generations={g.num_generations} "
              "(every prompt gets a whole group); e.g. completions_per_step=8 with num_generations=4")
-    processes = max(1, cfg.resources.gpus_per_node)  # one training process per GPU; one on a CPU
+    processes = training_processes(cfg)
     per_micro, rest = divmod(g.completions_per_step, g.gradient_accumulation_steps * processes)
     _require(rest == 0 and per_micro > 0,
              f"grpo.completions_per_step={g.completions_per_step} must be divisible by grpo.gradient_accumulation_steps "
-             f"({g.gradient_accumulation_steps}) x training processes ({processes}, one per GPU)")
+             f"({g.gradient_accumulation_steps}) x training processes ({processes}, one per training GPU)")
     _require(g.beta >= 0, f"grpo.beta={g.beta} must be >= 0")
     _require(0 < g.epsilon < 1, f"grpo.epsilon={g.epsilon} must be in (0, 1)")
     _require(g.temperature > 0, f"grpo.temperature={g.temperature} must be > 0 (GRPO samples)")
@@ -360,6 +396,55 @@ def validate(cfg: ExperimentConfig) -> None:
                  f"model.quantization=awq needs a pre-quantised AWQ checkpoint (e.g. Qwen/Qwen2.5-7B-Instruct-AWQ), "
                  f"not {cfg.model.name_or_path!r}; for an unquantised checkpoint set model.quantization=bf16 (or bnb4)")
     _choice("data.train_source", cfg.data.train_source, tuple(TRAIN_SOURCES))
-    _require(cfg.rollout.backend != "vllm" or cfg.resources.gpus_per_node <= 1,
-             f"rollout.backend=vllm runs colocated in one training process; with resources.gpus_per_node="
-             f"{cfg.resources.gpus_per_node} use rollout.backend=hf (multi-GPU vLLM server mode is not wired yet)")
+    trackers = cfg.output.report_to
+    unknown = [t for t in trackers if t not in TRACKERS]
+    _require(not unknown and trackers and ("none" not in trackers or len(trackers) == 1),
+             f"output.report_to={list(trackers)} is not allowed: give [none], or one or more of "
+             f"{', '.join(TRACKERS[1:])} (e.g. output.report_to=[tensorboard,wandb])")
+    _require(cfg.output.wandb_mode is None or cfg.output.wandb_mode in WANDB_MODES,
+             f"output.wandb_mode={cfg.output.wandb_mode!r} is not allowed; choose one of: {', '.join(WANDB_MODES)}, "
+             "or null for $WANDB_MODE / offline when the job runs offline")
+    _validate_rollout(cfg)
+
+
+def training_processes(cfg: ExperimentConfig) -> int:
+    """Training processes of a job: one per GPU that does not run the vLLM server; one on a CPU."""
+    gpus = cfg.resources.gpus_per_node
+    if cfg.rollout.backend == "vllm_server" and cfg.stage == "grpo" and gpus > 0:
+        gpus -= cfg.rollout.server_gpus
+    return max(1, gpus)
+
+
+def importance_sampling_on(cfg: ExperimentConfig) -> bool:
+    """Whether the loss is corrected by the sampler's log-probs (rollout.importance_sampling_correction,
+    by default on exactly when generation may run ahead of training)."""
+    r = cfg.rollout
+    return r.importance_sampling_correction if r.importance_sampling_correction is not None else r.max_staleness > 0
+
+
+def _validate_rollout(cfg: ExperimentConfig) -> None:
+    r, gpus = cfg.rollout, cfg.resources.gpus_per_node
+    _require(r.backend != "vllm" or gpus <= 1,
+             f"rollout.backend=vllm runs colocated in one training process; with resources.gpus_per_node={gpus} "
+             "use rollout.backend=vllm_server (a vLLM server on rollout.server_gpus of them, training on the rest)")
+    _require(r.server_gpus >= 1, f"rollout.server_gpus={r.server_gpus} must be at least 1")
+    _require(r.backend != "vllm_server" or gpus == 0 or gpus > r.server_gpus,
+             f"rollout.backend=vllm_server with resources.gpus_per_node={gpus} and rollout.server_gpus={r.server_gpus} "
+             f"leaves no GPU for training: ask for at least {r.server_gpus + 1} GPUs")
+    _require(r.max_staleness >= 0, f"rollout.max_staleness={r.max_staleness} must be >= 0 (0 = on-policy)")
+    _require(r.max_staleness == 0 or r.backend == "vllm_server",
+             f"rollout.max_staleness={r.max_staleness} generates ahead of training, which needs rollout.backend=vllm_server "
+             f"(not {r.backend})")
+    _choice("rollout.importance_sampling_mode", r.importance_sampling_mode, IMPORTANCE_SAMPLING_MODES)
+    _require(r.importance_sampling_cap > 0, f"rollout.importance_sampling_cap={r.importance_sampling_cap} must be > 0")
+    if importance_sampling_on(cfg):
+        _require(r.backend != "hf", "rollout.importance_sampling_correction needs the sampler's log-probs: "
+                 "rollout.backend=vllm or vllm_server")
+        _require(r.max_staleness == 0 or r.importance_sampling_correction is not False,
+                 f"rollout.max_staleness={r.max_staleness} trains on batches sampled by older policies: it needs "
+                 "rollout.importance_sampling_correction (leave it unset, or set true)")
+        loss_t = cfg.grpo.loss_temperature or cfg.grpo.temperature
+        _require(loss_t in (1.0, cfg.grpo.temperature),
+                 f"the importance sampling correction compares the sampler's log-probs with the loss's at "
+                 f"grpo.loss_temperature={loss_t}; vLLM reports them at temperature 1 or at the sampling temperature "
+                 f"({cfg.grpo.temperature}): set grpo.loss_temperature to one of those")

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from . import cache
 from .catalog import model_key, model_shape, qwen_checkpoint, stand_in_shape
-from .config import ExperimentConfig
+from .config import ExperimentConfig, training_processes
 
 
 def cell_from_config(cfg: ExperimentConfig) -> dict:
     """The axes that identify a run: model, quantization, LoRA rank (None for zero-shot), seed,
-    stage, rollout backend, plus any `output.extra_axes`."""
+    stage, rollout backend, the rollouts' max_staleness when not 0, plus any `output.extra_axes`."""
     zero_shot = cfg.stage == "zero_shot"
-    return {
+    cell = {
         "model": cfg.model.key or model_key(cfg.model.name_or_path),
         "quantization": cfg.model.quantization,
         "lora_rank": None if zero_shot else cfg.lora.rank,
@@ -28,11 +28,15 @@ def cell_from_config(cfg: ExperimentConfig) -> dict:
         "rollout": None if zero_shot else cfg.rollout.backend,
         **cfg.output.extra_axes,
     }
+    if cfg.rollout.max_staleness and not zero_shot:  # only when set: on-policy cells keep their ids
+        cell["max_staleness"] = cfg.rollout.max_staleness
+    return cell
 
 
 def cell_id(cell: dict) -> str:
     """Stable, path-safe id derived from the cell's axes only: the same cell always maps to the
-    same folder, e.g. `qwen2.5-7b__awq__r64__s0` or `qwen2.5-7b__awq__zero-shot`."""
+    same folder, e.g. `qwen2.5-7b__awq__r64__s0`, `qwen2.5-32b__bf16__r64__s0__vllm_server__stale1`
+    or `qwen2.5-7b__awq__zero-shot`."""
     parts = [cell["model"], cell["quantization"]]
     if cell.get("stage") == "zero_shot":
         parts.append("zero-shot")
@@ -40,7 +44,9 @@ def cell_id(cell: dict) -> str:
         parts += [f"r{cell['lora_rank']}", f"s{cell['seed']}"]
         if cell.get("rollout") not in (None, "hf"):
             parts.append(cell["rollout"])
-    extra = sorted(k for k in cell if k not in {"model", "quantization", "lora_rank", "seed", "stage", "rollout"})
+        if cell.get("max_staleness"):
+            parts.append(f"stale{cell['max_staleness']}")
+    extra = sorted(k for k in cell if k not in {"model", "quantization", "lora_rank", "seed", "stage", "rollout", "max_staleness"})
     parts += [f"{k}-{cell[k]}" for k in extra]
     return re.sub(r"[^A-Za-z0-9._-]+", "-", "__".join(str(p) for p in parts))
 
@@ -55,13 +61,24 @@ SIZE_RESOURCES = {
 }
 
 
+#: Unquantised 14B / 32B: training and colocated vLLM rollouts do not fit one 80 GB GPU together
+#: (grid.memory_problems), so these variants run the vLLM server on a GPU of its own and train on
+#: the others (32B: on two, sharded with ZeRO-3, which also fits the 32-completion lora_rank recipe).
+SERVER_VARIANTS = {
+    ("14b", "bf16"): {"rollout.backend": "vllm_server", "resources.gpus_per_node": 2},
+    ("32b", "bf16"): {"rollout.backend": "vllm_server", "resources.gpus_per_node": 3, "grpo.deepspeed": "zero3"},
+}
+
+
 def qwen(size: str, quantization: str) -> dict:
     """One model variant as a linked axis value: the Qwen2.5-Instruct checkpoint that goes with the
-    quantization (AWQ needs the pre-quantised `-AWQ` checkpoint) plus the size's Slurm resources."""
+    quantization (AWQ needs the pre-quantised `-AWQ` checkpoint) plus the size's Slurm resources
+    (and, for unquantised 14B / 32B, rollouts from a vLLM server on a GPU of its own)."""
     return {
         "model.name_or_path": qwen_checkpoint(size, quantization),
         "model.quantization": quantization,
         **{f"resources.{k}": v for k, v in SIZE_RESOURCES[size].items()},
+        **SERVER_VARIANTS.get((size, quantization), {}),
     }
 
 
@@ -223,9 +240,9 @@ def estimate_gpu_memory(cfg: ExperimentConfig) -> dict | None:
     fixed overhead. An upper-side estimate meant to catch cells that cannot fit, not to tune
     batch sizes. None for CPU-only cells or unknown models."""
     shape = model_shape(cfg.model.name_or_path)
-    gpus = cfg.resources.gpus_per_node
-    if shape is None or gpus < 1:
+    if shape is None or cfg.resources.gpus_per_node < 1:
         return None
+    gpus = training_processes(cfg)  # the GPUs that train (the server's are estimated apart)
     h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     kv_dim = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
     vocab = shape["vocab_size"]
@@ -249,30 +266,60 @@ def estimate_gpu_memory(cfg: ExperimentConfig) -> dict | None:
         parts["logits"] = seqs * g.max_completion_length * vocab * 4 / gb
         if cfg.rollout.backend == "hf":
             parts["generation_kv"] = tokens * layers * 2 * kv_dim * 2 / gb
-        else:
+        elif cfg.rollout.backend == "vllm":
             parts["vllm_share"] = vllm_rollout_share(cfg, cfg.resources.gpu_memory_gb) * cfg.resources.gpu_memory_gb
     parts["overhead"] = _OVERHEAD_GB
     parts["total"] = sum(parts.values())
     return {k: round(v, 1) for k, v in parts.items()}
 
 
+def server_memory_share(cfg: ExperimentConfig) -> float:
+    """Share of each server GPU the vLLM server takes (`rollout.backend: vllm_server`): it has
+    them to itself, as the evaluation engine: rollout.gpu_memory_utilization when set, else
+    eval.gpu_memory_utilization."""
+    return cfg.rollout.gpu_memory_utilization or cfg.eval.gpu_memory_utilization
+
+
+def server_gpus(cfg: ExperimentConfig) -> int:
+    """GPUs of a cell's job that run its vLLM server; 0 when it has none (other backends, CPU)."""
+    if cfg.rollout.backend != "vllm_server" or cfg.stage != "grpo" or cfg.resources.gpus_per_node < 1:
+        return 0
+    return cfg.rollout.server_gpus
+
+
+def server_weights_gb(cfg: ExperimentConfig) -> float | None:
+    """Base weights per server GPU in GB (tensor parallel splits them); None without a server."""
+    weights = base_weights_gb(cfg)
+    return round(weights / server_gpus(cfg), 1) if weights is not None and server_gpus(cfg) else None
+
+
 def memory_problems(cfg: ExperimentConfig) -> list[str]:
-    """Refusals with the numbers when a cell's estimated footprint exceeds its GPUs' memory (also
-    the evaluation engine's share, which must hold the weights)."""
+    """Refusals with the numbers when a cell's estimated footprint exceeds its GPUs' memory:
+    the training GPUs, the vLLM server's GPUs (their share must hold the weights and a KV cache),
+    and the evaluation engine's share, which must hold the weights."""
     estimate = estimate_gpu_memory(cfg)
     if estimate is None:
         return []
     available = cfg.resources.gpu_memory_gb
     problems = []
+    served = server_weights_gb(cfg)
+    if served is not None and served + _VLLM_KV_GB > server_memory_share(cfg) * available:
+        problems.append(f"the vLLM server does not fit: {served} GB of weights + {_VLLM_KV_GB} GB of KV cache per server GPU > "
+                        f"{server_memory_share(cfg):g} x {available} GB; set rollout.server_gpus={server_gpus(cfg) + 1} "
+                        "(and one more resources.gpus_per_node), or use a quantized base")
     if estimate["total"] > available:
         detail = " + ".join(f"{k.replace('_', ' ')} {v}" for k, v in estimate.items() if k != "total")
+        where = "training GPU" if served is not None else "GPU"
+        rollouts = {"vllm": "rollout.backend=vllm_server (generation on a GPU of its own) or hf",
+                    "vllm_server": "more training GPUs with grpo.deepspeed=zero3"}.get(cfg.rollout.backend, "")
         problems.append(
-            f"does not fit: ~{estimate['total']} GB per GPU ({detail}) > {available} GB (resources.gpu_memory_gb). "
-            "Use a quantized base (model.quantization=awq|bnb4), rollout.backend=hf, fewer grpo.completions_per_step "
-            "or more grpo.gradient_accumulation_steps, or nodes with more GPU memory (--gpu-memory-gb)")
+            f"does not fit: ~{estimate['total']} GB per {where} ({detail}) > {available} GB (resources.gpu_memory_gb). "
+            f"Use a quantized base (model.quantization=awq|bnb4), {rollouts + ', ' if rollouts else ''}fewer "
+            "grpo.completions_per_step or more grpo.gradient_accumulation_steps, or nodes with more GPU memory (--gpu-memory-gb)")
     if cfg.eval.after_training and cfg.eval.backend == "vllm":
         share = cfg.eval.gpu_memory_utilization * available
-        if estimate["weights"] + 1.0 > share:
+        weights = round(base_weights_gb(cfg), 1)  # the evaluation engine holds all of them, ZeRO-3 or not
+        if weights + 1.0 > share:
             problems.append(f"evaluation does not fit: vLLM's share {share:.1f} GB (eval.gpu_memory_utilization="
-                            f"{cfg.eval.gpu_memory_utilization} x {available} GB) cannot hold the {estimate['weights']} GB of weights")
+                            f"{cfg.eval.gpu_memory_utilization} x {available} GB) cannot hold the {weights} GB of weights")
     return problems

@@ -12,7 +12,10 @@ rules a restart follows live here too:
   which moves that work aside: the train and evaluate commands and the sweeps share this rule;
 - SIGUSR2 (Slurm's warning before a time limit or preemption) and SIGTERM make the job save a
   checkpoint after the current step and exit with EXIT_PREEMPTED, status `preempted`;
-- a training process killed by a signal is recorded by its parent (`record_signal_death`).
+- a training process killed by a signal is recorded by its parent (`record_signal_death`);
+- a `vllm_server` cell trains with a vLLM server of its own, started before training and stopped
+  after it whatever happens (nli_grpo.server), unless the process that started this job gave it
+  one (launch.CellJob does, for its torchrun ranks).
 
 Nothing heavy is imported at module level: the login side (sweep, launch, status) uses the
 config, the conflict rule and the exit codes without torch.
@@ -20,6 +23,7 @@ config, the conflict rule and the exit codes without torch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -29,6 +33,7 @@ from .config import ExperimentConfig, load_config
 from .grid import cell_from_config, cell_id
 from .layout import CellFolder, result_document
 from .process import StopRequest, is_main_process
+from .server import serving
 
 log = logging.getLogger("nli_grpo.job")
 
@@ -212,17 +217,21 @@ def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None, f
         record.doc["adapter"] = str(adapter)
     record.update()
     try:
-        from .models import describe
+        training = cfg.stage == "grpo" and adapter is None and not record.stage_done("train")
+        with contextlib.ExitStack() as rollout_server:
+            if training:  # a vllm_server cell's server, unless the job gave one; before CUDA is initialised
+                os.environ.update(rollout_server.enter_context(serving(cfg, cfg.output.dir)))
+            from .models import describe
 
-        record.update(model=describe(cfg))  # its path, revision (what a number was computed with) and precision
-        if cfg.stage == "grpo" and adapter is None and not record.stage_done("train"):
-            from .training import train
+            record.update(model=describe(cfg))  # its path, revision (what a number was computed with) and precision
+            if training:
+                from .training import train
 
-            outcome = train(cfg, stop, attempt=record.attempt, reward_funcs=reward_funcs)
-            if not outcome.finished:
-                record.update(status="preempted", train=outcome.summary)
-                return EXIT_PREEMPTED
-            record.mark_stage_done("train", train=outcome.summary)
+                outcome = train(cfg, stop, attempt=record.attempt, reward_funcs=reward_funcs)
+                if not outcome.finished:
+                    record.update(status="preempted", train=outcome.summary)
+                    return EXIT_PREEMPTED
+                record.mark_stage_done("train", train=outcome.summary)
         if not is_main_process():
             return 0  # evaluation runs once, on rank 0
         if cfg.eval.after_training and not record.stage_done("eval"):

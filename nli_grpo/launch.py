@@ -19,6 +19,7 @@ What Slurm says (partitions, the queue) is nli_grpo.slurm's; the manifest is nli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ class CellJob:
     the same inputs would fail the same way."""
 
     def __init__(self, command: list[str], run_dir: str, stop_timeout_s: float, threads: int = 1, gpus: int = 1,
-                 retries: int = DEFAULT_RETRIES, online: bool = False):
+                 retries: int = DEFAULT_RETRIES, online: bool = False, rollout_server: bool = False):
         self.command = command
         self.run_dir = run_dir
         self.stop_timeout_s = stop_timeout_s
@@ -68,6 +69,7 @@ class CellJob:
         self.gpus = gpus
         self.retries = retries
         self.online = online
+        self.rollout_server = rollout_server
         self.starts = 0
         self._child: subprocess.Popen | None = None
         self._torchrun = False
@@ -79,11 +81,14 @@ class CellJob:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         deaths = 0
         while True:
-            self.start_child()
-            # poll + sleep rather than wait(): checkpoint() runs in a signal handler on this thread
-            # and must be able to wait for the child itself (wait() would hold Popen's lock).
-            while (code := self._child.poll()) is None:
-                time.sleep(1.0)
+            # A fresh vLLM server for every start of the training, stopped when it exits, or when
+            # submitit exits this process after checkpoint() (sys.exit unwinds the `with`).
+            with self.serving() as server_env:
+                self.start_child(server_env)
+                # poll + sleep rather than wait(): checkpoint() runs in a signal handler on this
+                # thread and must be able to wait for the child itself (wait() would hold Popen's lock).
+                while (code := self._child.poll()) is None:
+                    time.sleep(1.0)
             if code < 0 and not self._stopping:
                 retry = deaths < self.retries
                 message = record_signal_death(self.run_dir, signal.Signals(-code).name, deaths, self.retries, retry)
@@ -101,13 +106,28 @@ class CellJob:
             raise RuntimeError(f"{self.run_dir}: `{shlex.join(self.command)}` exited with {code}: {doc.get('error')}")
         return {"run_dir": self.run_dir, "status": doc.get("status"), "attempts": doc.get("slurm", {}).get("attempts")}
 
-    def start_child(self, **popen_kwargs) -> subprocess.Popen:
+    def serving(self):
+        """The cell's vLLM server while its training runs (`rollout.backend: vllm_server`, see
+        nli_grpo.server), as the environment the training processes need; else nothing."""
+        if not self.rollout_server:
+            return contextlib.nullcontext({})
+        from .job import config_for_run
+        from .server import serving
+
+        folder = CellFolder(self.run_dir)
+        if "train" in (results.load_existing(folder.result) or {}).get("stages_done", []):
+            return contextlib.nullcontext({})  # only the evaluation is left
+        return serving(config_for_run(str(folder.config_snapshot), [], self.run_dir), self.run_dir)
+
+    def start_child(self, server_env: dict | None = None, **popen_kwargs) -> subprocess.Popen:
         """Start the training: one process, or one per GPU under torchrun when the cell asked for
-        several GPUs and the node really has them (decided here, on the node)."""
-        command = self.command
-        self._torchrun = self.gpus > 1 and (devices := _cuda_device_count()) > 1
+        several GPUs and the node really has them (decided here, on the node). `server_env`: the
+        cell's vLLM server (its URL and the GPUs it left for training)."""
+        command, server_env = self.command, server_env or {}
+        gpus = len(server_env["CUDA_VISIBLE_DEVICES"].split(",")) if "CUDA_VISIBLE_DEVICES" in server_env else self.gpus
+        self._torchrun = gpus > 1 and (devices := _cuda_device_count()) > 1
         if self._torchrun:
-            command = with_torchrun(command, min(self.gpus, devices))
+            command = with_torchrun(command, min(gpus, devices))
         log.info("starting %s", shlex.join(command))
         # torch otherwise starts a thread per core of the node: oversubscribed on shared nodes
         env = {k: str(self.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k not in os.environ}
@@ -119,7 +139,7 @@ class CellJob:
         # USR2 starts ignored: torchrun would die of it (it handles only SIGTERM/SIGINT), while
         # the training processes install their own handler. Its own session keeps the job's
         # terminal signals to the job.
-        self._child = subprocess.Popen(command, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        self._child = subprocess.Popen(command, env={**os.environ, **env, **server_env, "PYTHONUNBUFFERED": "1"},
                                        start_new_session=True, preexec_fn=_ignore_usr2, **popen_kwargs)
         self.starts += 1
         return self._child
@@ -152,7 +172,7 @@ class CellJob:
                 _send(_process_tree(child.pid), signal.SIGKILL)
                 child.wait()
         return submitit.helpers.DelayedSubmission(CellJob(self.command, self.run_dir, self.stop_timeout_s, self.threads,
-                                                          self.gpus, self.retries, self.online))
+                                                          self.gpus, self.retries, self.online, self.rollout_server))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_child": None}  # a process handle does not survive pickling
@@ -298,7 +318,8 @@ def submit_cells(cells: list, options: LaunchOptions, folder: Path, name: str, m
             with executor.batch():
                 submitted = [executor.submit(CellJob(train_command(c.run_dir), str(c.run_dir), options.stop_timeout_s,
                                                      c.cfg.resources.cpus_per_task, c.cfg.resources.gpus_per_node,
-                                                     options.retries, options.online))
+                                                     options.retries, options.online,
+                                                     rollout_server=c.cfg.rollout.backend == "vllm_server"))
                              for c in chunk]
         except Exception as err:  # noqa: BLE001 - report, keep what was submitted
             return jobs, [f"submission of {len(chunk)} cells failed: {err}"]

@@ -9,6 +9,7 @@ result document (the job, the benchmarks and the tests all build theirs here).
     checkpoints/checkpoint-<step>/   complete only with CHECKPOINT_COMPLETE inside
     rollout_adapters/      adapter versions handed to vLLM during training (transient)
     config.yaml            the config snapshot a sweep submitted
+    tensorboard/           TensorBoard event files (output.report_to=[tensorboard]), one file per attempt
 
 Beside the cells, the sweep folder holds `manifest.json`, `logs/` (submitit's) and `.replaced/`
 (runs moved aside by --force).
@@ -44,6 +45,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
 ROLLOUT_ADAPTERS_DIRNAME = "rollout_adapters"
 CONFIG_SNAPSHOT_FILENAME = "config.yaml"
+TENSORBOARD_DIRNAME = "tensorboard"
 # the sweep folder
 MANIFEST_FILENAME = "manifest.json"
 LOGS_DIRNAME = "logs"
@@ -91,6 +93,10 @@ class CellFolder:
     @property
     def config_snapshot(self) -> Path:
         return self.path / CONFIG_SNAPSHOT_FILENAME
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_DIRNAME
 
     @property
     def predictions_dir(self) -> Path:

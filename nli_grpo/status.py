@@ -13,6 +13,12 @@ the cell's result.json, so it works while jobs run and after they left the queue
 
 The sweep launcher decides what to (re)submit from the same states (`queued` never, `complete`
 only with --force).
+
+Running and preempted cells also show their recent reward and KL (the mean over the last
+RECENT_STEPS optimizer steps of train_log.jsonl) and the time left at the current step rate (the
+`time` of the current attempt's recent lines; "—" when unknown). Cells with offline W&B runs not
+uploaded yet get the `wandb sync` command that uploads them. `--watch [SECONDS]` redraws it all
+until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,8 +35,13 @@ from pathlib import Path
 from . import manifest as manifests
 from . import results, slurm
 from .layout import POOL_SPEC_FILENAME, RESULT_FILENAME, CellFolder, PoolFolder
+from .trackers import wandb_sync_command
 
 STATES = ("pending", "running", "preempted", "blocked", "complete", "failed", "missing")
+#: Optimizer steps the recent reward and KL are averaged over, and the step rate is measured on.
+RECENT_STEPS = 10
+#: Seconds between two frames of --watch when none is given.
+WATCH_SECONDS = 15.0
 #: sacct states of a job that ended without its cell finishing.
 _ENDED_BADLY = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
@@ -46,6 +58,39 @@ class CellStatus:
     max_steps: int | None = None
     updated_at: str | None = None
     detail: str = ""
+    reward: float | None = None
+    """Mean reward of the last RECENT_STEPS steps that generated (running / preempted cells)."""
+    kl: float | None = None
+    """Mean KL of the last RECENT_STEPS steps that logged one."""
+    seconds_per_step: float | None = None
+    """The current attempt's recent step rate (from the train log's `time`)."""
+    time_left_s: float | None = None
+    """(max steps - steps done) x seconds_per_step; None when unknown."""
+    wandb_sync: str | None = None
+    """The command that uploads the cell's offline W&B runs, when some are not uploaded yet."""
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float))]
+    return sum(values) / len(values) if values else None
+
+
+def train_progress(folder: CellFolder, recent: int = RECENT_STEPS) -> dict:
+    """From the cell's train log (the last attempt's line of a replayed step): the last step
+    logged, the mean reward and KL of the last `recent` steps that logged them, and the current
+    attempt's seconds per step over its last `recent` lines (None with fewer than two)."""
+    rows = results.read_train_log(folder.train_log)
+    if not rows:
+        return {}
+    rewards = [r["reward"] for r in rows if isinstance(r.get("reward"), (int, float))]
+    kls = [r["kl"] for r in rows if isinstance(r.get("kl"), (int, float))]
+    attempt = rows[-1].get("attempt")
+    timed = [r for r in rows if r.get("attempt") == attempt and isinstance(r.get("time"), (int, float))][-recent:]
+    rate = None
+    if len(timed) >= 2 and timed[-1]["step"] > timed[0]["step"] and timed[-1]["time"] >= timed[0]["time"]:
+        rate = (timed[-1]["time"] - timed[0]["time"]) / (timed[-1]["step"] - timed[0]["step"])
+    return {"last_step": rows[-1]["step"], "reward": _mean(rewards[-recent:]), "kl": _mean(kls[-recent:]),
+            "seconds_per_step": rate}
 
 
 def _steps(doc: dict | None, folder: CellFolder) -> tuple[int | None, int | None]:
@@ -86,6 +131,14 @@ def cell_status(cell_id: str, run_dir: Path, job: tuple[str, str] | None, queue:
         line.detail = f"job {job_id} left the queue while running (killed? see its log)" if gone else ""
     elif job_id and (ended or {}).get(job_id, "").startswith(_ENDED_BADLY):
         line.state, line.detail = "failed", f"job {job_id} {ended[job_id].lower()} before writing a result"
+    if line.state in ("running", "preempted") and max_steps is not None:
+        progress = train_progress(folder)
+        if line.state == "running":  # further than its last checkpoint (a preempted cell resumes from that)
+            line.steps_done = max(line.steps_done or 0, progress.get("last_step") or 0)
+        line.reward, line.kl, line.seconds_per_step = progress.get("reward"), progress.get("kl"), progress.get("seconds_per_step")
+        if line.seconds_per_step is not None:
+            line.time_left_s = max(0, max_steps - (line.steps_done or 0)) * line.seconds_per_step
+    line.wandb_sync = wandb_sync_command(folder)
     return line
 
 
@@ -141,23 +194,46 @@ def make_console():
     return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
+def duration(seconds: float | None) -> str:
+    """`45s`, `12m`, `3h05m`, `2d04h`; "—" when unknown."""
+    if seconds is None:
+        return "—"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, hours = seconds // 60, seconds // 3600
+    if hours < 1:
+        return f"{minutes}m"
+    return f"{hours}h{minutes % 60:02d}m" if hours < 24 else f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
 def print_status(name: str, lines: list[CellStatus], console=None) -> None:
     from rich.table import Table
 
     console = console or make_console()
     colours = {"complete": "green", "failed": "red", "preempted": "yellow", "running": "cyan", "missing": "magenta"}
     table = Table(title=f"sweep {name}", show_lines=False)
-    for column in ("cell", "state", "job", "attempts", "steps", "updated", "detail"):
+    for column in ("cell", "state", "job", "attempts", "steps", "reward", "KL", "time left", "updated", "detail"):
         table.add_column(column, overflow="fold")
     for s in lines:
         steps = "—" if s.max_steps is None else f"{s.steps_done or 0}/{s.max_steps}"
         table.add_row(s.cell_id, f"[{colours.get(s.state, 'white')}]{s.state}[/]", s.job_id or "—",
-                      str(s.attempts or "—"), steps, s.updated_at or "—", s.detail)
+                      str(s.attempts or "—"), steps, _number(s.reward), _number(s.kl), duration(s.time_left_s),
+                      s.updated_at or "—", s.detail)
     console.print(table)
     console.print(summary_line(name, lines))
+    syncs = [s.wandb_sync for s in lines if s.wandb_sync]
+    if syncs:
+        console.print("offline W&B runs not uploaded yet; on a machine with internet (WANDB_API_KEY set):", soft_wrap=True)
+        for command in syncs:
+            console.print(f"  {command}", soft_wrap=True, markup=False)
 
 
-def print_pools(folders: list[PoolFolder], as_json: bool = False) -> int:
+def print_pools(folders: list[PoolFolder], as_json: bool = False, console=None) -> int:
     """The shards and the merge of hard-example pools (sweeps/bootstrap.py, or built for a sweep)."""
     from rich.table import Table
 
@@ -167,7 +243,7 @@ def print_pools(folders: list[PoolFolder], as_json: bool = False) -> int:
         queue = slurm.queued_jobs()
     except slurm.SlurmError:
         queue = None
-    console = make_console()
+    console = console or make_console()
     for folder in folders:
         states = folder_states(folder, queue)
         if as_json:
@@ -187,26 +263,61 @@ def print_pools(folders: list[PoolFolder], as_json: bool = False) -> int:
     return 0
 
 
+def show(sweep_dir: Path, as_json: bool = False, console=None) -> int:
+    """One frame: the pools' shards and merges, or the sweep's cells (table or JSON lines)."""
+    pools = [sweep_dir] if (sweep_dir / POOL_SPEC_FILENAME).is_file() else sorted(
+        p.parent for p in sweep_dir.glob(f"*/{POOL_SPEC_FILENAME}"))
+    if pools:
+        return print_pools([PoolFolder(p) for p in pools], as_json, console)
+    lines = sweep_status(sweep_dir, queue=slurm.queued_jobs, accounting=slurm.accounting_states)
+    if as_json:
+        for line in lines:
+            print(json.dumps(asdict(line)), flush=True)
+    else:
+        print_status(sweep_dir.name, lines, console)
+    return 0
+
+
+def watch(frame: Callable[[], object], seconds: float, frames: int | None = None, console=None) -> int:
+    """Redraw `frame()` every `seconds` (clearing a terminal first) until Ctrl-C, or `frames` times."""
+    console = console or make_console()
+    shown = 0
+    try:
+        while frames is None or shown < frames:
+            if shown:
+                time.sleep(seconds)
+            console.clear()
+            frame()
+            shown += 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nli_grpo.status", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="a sweep's results folder, e.g. results/lora_rank (or a pool's: results/bootstrap/...)")
     parser.add_argument("--json", action="store_true", help="one JSON object per cell instead of the table")
+    parser.add_argument("--watch", nargs="?", type=float, const=WATCH_SECONDS, metavar="SECONDS",
+                        help=f"redraw every SECONDS (default {WATCH_SECONDS:g}) until Ctrl-C")
     args = parser.parse_args(argv)
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
         print(f"error: {sweep_dir} is not a folder; give a sweep's results folder, e.g. results/lora_rank", file=sys.stderr)
         return 2
-    pools = [sweep_dir] if (sweep_dir / POOL_SPEC_FILENAME).is_file() else sorted(
-        p.parent for p in sweep_dir.glob(f"*/{POOL_SPEC_FILENAME}"))
-    if pools:
-        return print_pools([PoolFolder(p) for p in pools], args.json)
-    lines = sweep_status(sweep_dir, queue=slurm.queued_jobs, accounting=slurm.accounting_states)
-    if args.json:
-        for line in lines:
-            print(json.dumps(asdict(line)))
-    else:
-        print_status(sweep_dir.name, lines)
-    return 0
+    if args.watch is None:
+        return show(sweep_dir, args.json)
+    if args.watch <= 0:
+        print(f"error: --watch {args.watch:g}: give a positive number of seconds", file=sys.stderr)
+        return 2
+    console = make_console()
+
+    def frame():
+        show(sweep_dir, args.json, console)
+        if not args.json:
+            console.print(f"[dim]{results.now_iso()}: every {args.watch:g} s; Ctrl-C to stop[/]")
+
+    return watch(frame, args.watch, console=console)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ from .grid import (
     input_problems,
     memory_problems,
     restrict_axis,
+    server_gpus,
+    server_memory_share,
+    server_weights_gb,
 )
 from .job import config_for_run, conflicting_inputs
 from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, CellFolder
@@ -344,8 +347,12 @@ def print_plan(name: str, cells: list[PlannedCell], console) -> None:
         r = c.cfg.resources
         estimate = estimate_gpu_memory(c.cfg)
         fit = f"{estimate['total']}/{r.gpu_memory_gb} GB" if estimate else "— (CPU)"
+        gpus = str(r.gpus_per_node)
+        if served := server_gpus(c.cfg):  # the split of the job's GPUs, and the server's own fit
+            gpus += f" ({served} vLLM server + {r.gpus_per_node - served} training)"
+            fit = f"training {fit}, server {server_weights_gb(c.cfg)} GB weights/{server_memory_share(c.cfg) * r.gpu_memory_gb:.0f} GB"
         action = "[red]invalid[/]" if c.problems else (f"[green]submit[/] ({c.reason})" if c.action == "submit" else f"skip: {c.reason}")
-        table.add_row(c.cell_id, str(r.gpus_per_node), str(r.cpus_per_task), f"{r.mem_gb} GB", f"{r.timeout_min} min", fit, action)
+        table.add_row(c.cell_id, gpus, str(r.cpus_per_task), f"{r.mem_gb} GB", f"{r.timeout_min} min", fit, action)
     console.print(table)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import results
-from .config import ConfigError, ExperimentConfig
+from .config import ConfigError, ExperimentConfig, importance_sampling_on
 from .layout import CellFolder, adapter_from_checkpoint, checkpoint_step, mark_checkpoint_complete
 from .process import StopRequest, is_main_process
 
@@ -194,6 +194,7 @@ def trl_args(cfg: ExperimentConfig, output_dir: Path):
     from trl import GRPOConfig
 
     from .models import training_precision
+    from .trackers import report_args
 
     g = cfg.grpo
     cuda = torch.cuda.is_available()
@@ -220,7 +221,12 @@ def trl_args(cfg: ExperimentConfig, output_dir: Path):
         importance_sampling_level="token",
         # TRL 1.x defaults the paper's TRL 0.16 did not have, off so the objective is the paper's:
         use_bias_correction_kl=False,   # plain k3 KL, not weighted by the importance ratio
-        vllm_importance_sampling_correction=False,
+        # The sampler's log-probs correct the loss only where generation runs ahead of training
+        # (rollout.max_staleness), unless the recipe asks; the bounds are pinned, not TRL's.
+        vllm_importance_sampling_correction=importance_sampling_on(cfg),
+        vllm_importance_sampling_mode=cfg.rollout.importance_sampling_mode,
+        vllm_importance_sampling_clip_max=cfg.rollout.importance_sampling_cap,
+        vllm_importance_sampling_clip_min=None,
         off_policy_mask_threshold=None,
         entropy_coef=0.0,
         top_entropy_quantile=1.0,
@@ -257,7 +263,7 @@ def trl_args(cfg: ExperimentConfig, output_dir: Path):
         seed=cfg.seed,  # also seeds TRL's prompt sampler
         shuffle_dataset=True,
         remove_unused_columns=False,
-        report_to="none",
+        **report_args(cfg),  # output.report_to: the trackers, run name = cell id, project = sweep
         log_completions=False,
         dataloader_num_workers=0,
         deepspeed=deepspeed,
@@ -339,6 +345,7 @@ def build_trainer(cfg: ExperimentConfig, stop: StopRequest, reward_funcs=None, a
     from .models import load_base_model, load_tokenizer, peft_lora_config, training_precision
     from .rewards import nli_reward
     from .rollout import trainer_class_for
+    from .trackers import last_logged_step, log_each_step_once, tracker_env
 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -347,6 +354,7 @@ def build_trainer(cfg: ExperimentConfig, stop: StopRequest, reward_funcs=None, a
     # The training arguments first: they set up the process's GPU and, under ZeRO-3, the
     # DeepSpeed config that from_pretrained must see.
     folder = CellFolder(cfg.output.dir)
+    os.environ.update(tracker_env(cfg))  # the trackers' names, run id and folders; read as the trainer is built
     args = trl_args(cfg, folder.checkpoints)
     dtype = training_precision(cfg, torch.cuda.is_available())["dtype"]
     trainer = trainer_cls(
@@ -359,6 +367,7 @@ def build_trainer(cfg: ExperimentConfig, stop: StopRequest, reward_funcs=None, a
         callbacks=_trainer_callbacks(folder, cfg.grpo.save_total_limit, stop, attempt),
     )
     trainer.configure(cfg)
+    log_each_step_once(trainer, last_logged_step(folder))  # a restart's replayed steps reach the trackers once
     if hasattr(trainer, "configure_rollout"):
         trainer.configure_rollout(cfg)
     return trainer, data_info

@@ -120,7 +120,7 @@ INVALID = {
     "wrong bool": (["eval.after_training=maybe"], ["eval.after_training", "maybe"]),
     "no equals sign": (["lora.rank"], ["lora.rank", "key=value"]),
     "awq on a non-AWQ checkpoint": (["model.name_or_path=Qwen/Qwen2.5-7B-Instruct"], ["model.quantization=awq", "AWQ checkpoint", "Qwen/Qwen2.5-7B-Instruct"]),
-    "colocated vllm on two GPUs": (["resources.gpus_per_node=2"], ["rollout.backend=vllm", "gpus_per_node=2", "rollout.backend=hf"]),
+    "colocated vllm on two GPUs": (["resources.gpus_per_node=2"], ["rollout.backend=vllm", "gpus_per_node=2", "rollout.backend=vllm_server"]),
     "unknown target module": (["lora.target_modules=[q_proj,qkv]"], ["lora.target_modules", "qkv", "down_proj"]),
 }
 
@@ -163,3 +163,23 @@ def test_to_dict_holds_every_field():
     data = load_config("paper").to_dict()
     assert set(data) == {f.name for f in dataclasses.fields(ExperimentConfig)}
     assert data["lora"]["target_modules"] == list(LORA_TARGETS)
+
+
+# --------------------------------------------------------------------------- trackers (output.report_to)
+@pytest.mark.parametrize("recipe", ["paper", "lora_rank", "smoke"])
+def test_every_recipe_reports_to_no_tracker_by_default(recipe):
+    cfg = load_config(recipe)
+    assert (cfg.output.report_to, cfg.output.wandb_mode, cfg.output.wandb_project) == (["none"], None, None)
+
+
+def test_report_to_takes_several_trackers_and_refuses_unknown_or_mixed_ones():
+    cfg = load_config("smoke", ["output.report_to=[tensorboard,wandb,trackio]", "output.wandb_mode=offline"])
+    assert cfg.output.report_to == ["tensorboard", "wandb", "trackio"]
+    for value in ("[tensorbord]", "[none,wandb]", "[]"):
+        with pytest.raises(ConfigError) as caught:
+            load_config("smoke", [f"output.report_to={value}"])
+        assert "output.report_to=" in str(caught.value) and "none" in str(caught.value) and "tensorboard, wandb, trackio" in str(caught.value)
+    with pytest.raises(ConfigError, match=r"config field 'output.report_to' takes a list: write it in brackets, e.g. output.report_to=\[a,b\]"):
+        load_config("smoke", ["output.report_to=wandb"])
+    with pytest.raises(ConfigError, match="output.wandb_mode='cloud' is not allowed; choose one of: online, offline, disabled"):
+        load_config("smoke", ["output.wandb_mode=cloud"])

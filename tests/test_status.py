@@ -1,5 +1,9 @@
 """`python -m nli_grpo.status`: cell states from the queue and the result files, and from the files
 alone once the jobs have left the queue."""
+import json
+
+import pytest
+
 from nli_grpo import manifest, slurm, status
 
 
@@ -70,3 +74,105 @@ def test_a_pool_folder_shows_its_shards_and_merge(tmp_path, capsys):
     assert status.main([str(tmp_path / "bootstrap")]) == 0
     out = capsys.readouterr().out
     assert "shard-00-of-02" in out and "complete" in out and "preempted" in out and "1/3 chunks" in out and "merge" in out
+
+
+# --------------------------------------------------------------------------- progress: reward, KL, time left, W&B sync
+def _train_log(run_dir, rows):
+    from nli_grpo import results
+
+    for row in rows:
+        results.append_jsonl(run_dir / "train_log.jsonl", row)
+
+
+def _max_steps(run_dir, max_steps):
+    from nli_grpo import results
+
+    doc = results.read_result(run_dir / "result.json")
+    doc["config"]["grpo"]["max_steps"] = max_steps
+    results.atomic_write_json(run_dir / "result.json", doc)
+
+
+def test_running_and_preempted_cells_show_recent_reward_kl_and_time_left(tmp_path, capsys, write_result):
+    sweep_dir = tmp_path / "s"
+    # r: attempt 1 logged steps 1..20 at 10 s/step, was killed; attempt 2 resumed from checkpoint 16,
+    # replays 17..20 and goes on to 30 at 3 s/step. The last attempt's line of a replayed step counts.
+    write_result(sweep_dir / "r", "running", steps=16, attempts=2)
+    _max_steps(sweep_dir / "r", 100)
+    _train_log(sweep_dir / "r", [{"step": s, "attempt": 1, "time": 1000.0 + 10 * s, "loss": 0.0, "kl": 1.0,
+                                  **({"reward": 5.0} if s % 2 == 0 else {})} for s in range(1, 21)])
+    _train_log(sweep_dir / "r", [{"step": s, "attempt": 2, "time": 5000.0 + 3 * (s - 17), "loss": 0.0, "kl": s / 1000,
+                                  "reward": s / 100} for s in range(17, 31)])
+    # p: preempted after step 8 (5 s/step) with step 6 saved: it resumes from 6
+    write_result(sweep_dir / "p", "preempted", steps=6, attempts=1)
+    _max_steps(sweep_dir / "p", 100)
+    _train_log(sweep_dir / "p", [{"step": s, "attempt": 1, "time": 2000.0 + 5 * s, "loss": 0.0, "kl": 0.05, "reward": 0.5}
+                                 for s in range(1, 9)])
+    # n: running, one line of its attempt so far: no rate yet
+    write_result(sweep_dir / "n", "running", steps=0)
+    _train_log(sweep_dir / "n", [{"step": 1, "attempt": 1, "time": 3000.0, "loss": 0.0, "kl": 0.5, "reward": 1.0}])
+    # c: complete, with offline W&B runs not uploaded (two attempts); u: its offline run was uploaded
+    write_result(sweep_dir / "c", "complete")
+    for stamp in ("20261201_100000", "20261201_120000"):
+        run = sweep_dir / "c" / "wandb" / f"offline-run-{stamp}-abc123"
+        run.mkdir(parents=True)
+        (run / "run-abc123.wandb").write_bytes(b":W&B")
+    write_result(sweep_dir / "u", "complete")
+    run = sweep_dir / "u" / "wandb" / "offline-run-20261201_100000-def456"
+    run.mkdir(parents=True)
+    (run / "run-def456.wandb").write_bytes(b":W&B")
+    (run / "run-def456.wandb.synced").write_bytes(b"")
+
+    lines = {s.cell_id: s for s in status.sweep_status(sweep_dir, queue=None)}
+    r, p, n = lines["r"], lines["p"], lines["n"]
+    assert (r.state, r.steps_done, r.max_steps) == ("running", 30, 100)  # the log is ahead of the checkpoint
+    assert r.reward == pytest.approx(sum(s / 100 for s in range(21, 31)) / 10)  # the last 10 steps: 21..30
+    assert r.kl == pytest.approx(sum(s / 1000 for s in range(21, 31)) / 10)
+    assert r.seconds_per_step == pytest.approx(3.0) and r.time_left_s == pytest.approx(70 * 3.0)
+    assert (p.state, p.steps_done, p.reward, p.kl) == ("preempted", 6, 0.5, pytest.approx(0.05))
+    assert p.seconds_per_step == pytest.approx(5.0) and p.time_left_s == pytest.approx(94 * 5.0)
+    assert (n.reward, n.kl, n.seconds_per_step, n.time_left_s) == (1.0, 0.5, None, None)
+    assert lines["c"].reward is None and lines["c"].time_left_s is None  # only running / preempted cells
+    assert lines["c"].wandb_sync == f"wandb sync {sweep_dir / 'c' / 'wandb'}"
+    assert lines["u"].wandb_sync is None and r.wandb_sync is None
+
+    assert status.main([str(sweep_dir)]) == 0
+    out = capsys.readouterr().out
+    row = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in out.splitlines()
+           if line.startswith("│")}
+    # cell: state job attempts steps reward KL "time left" updated detail
+    assert row["r"][3:7] == ["30/100", "0.255", "0.0255", "3m"]
+    assert row["p"][3:7] == ["6/100", "0.5", "0.05", "7m"]
+    assert row["n"][3:7] == ["1/12", "1", "0.5", "—"]
+    assert row["c"][3:7] == ["12/12", "—", "—", "—"]
+    assert f"wandb sync {sweep_dir / 'c' / 'wandb'}" in out and "wandb sync " + str(sweep_dir / "u") not in out
+
+    assert status.main([str(sweep_dir), "--json"]) == 0
+    docs = {d["cell_id"]: d for d in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert docs["r"]["time_left_s"] == pytest.approx(210.0) and docs["r"]["reward"] == pytest.approx(0.255)
+    assert docs["c"]["wandb_sync"] == f"wandb sync {sweep_dir / 'c' / 'wandb'}" and docs["n"]["time_left_s"] is None
+
+
+def test_durations_read_at_a_glance():
+    assert [status.duration(s) for s in (None, 0, 59.4, 60, 3599, 3600, 3 * 3600 + 5 * 60, 86400 + 4 * 3600)] == [
+        "—", "0s", "59s", "1m", "59m", "1h00m", "3h05m", "1d04h"]
+
+
+def test_watch_redraws_the_table_until_interrupted(tmp_path, capsys, monkeypatch, write_result):
+    sweep_dir = tmp_path / "s"
+    write_result(sweep_dir / "r", "running", steps=0)
+    _train_log(sweep_dir / "r", [{"step": s, "attempt": 1, "time": 100.0 + 2 * s, "loss": 0.0} for s in (1, 2)])
+    slept = []
+
+    def sleep(seconds):  # between two frames training goes on; the second sleep is the Ctrl-C
+        slept.append(seconds)
+        if len(slept) > 1:
+            raise KeyboardInterrupt
+        _train_log(sweep_dir / "r", [{"step": s, "attempt": 1, "time": 100.0 + 2 * s, "loss": 0.0} for s in (3, 4, 5)])
+
+    monkeypatch.setattr(status.time, "sleep", sleep)
+    assert status.main([str(sweep_dir), "--watch", "0.5"]) == 0
+    frames = capsys.readouterr().out.split("sweep s")[1:]
+    assert slept == [0.5, 0.5] and len(frames) == 2
+    assert "2/12" in frames[0] and "20s" in frames[0]  # 10 steps left at 2 s/step
+    assert "5/12" in frames[1] and "14s" in frames[1] and "every 0.5 s; Ctrl-C to stop" in frames[1]
+    assert status.main([str(sweep_dir), "--watch", "0"]) == 2
