@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ExperimentConfig
@@ -179,41 +180,134 @@ def bench_aggregate(workdir: Path, n_results: int = 10_000) -> dict:
     }
 
 
-def _rollout_setup(workdir: Path):
-    """The policy both rollout benchmarks use: the smoke recipe on NLI_GRPO_BENCH_MODEL (default
-    the tiny CPU model; `random:qwen2.5-7b` on a GPU node for the real shape), LoRA rank
-    NLI_GRPO_BENCH_RANK (default 64, the paper's), and a batch of NLI prompts x group size."""
+# ---------------------------------------------------------------------------------------------
+# Settings shared by the model benchmarks, paired measurements, summaries
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class BenchSettings:
+    """What the model benchmarks run on: `--model` (NLI_GRPO_BENCH_MODEL; default the tiny CPU
+    model, `random:qwen2.5-0.5b` for the realistic CPU shape, `random:qwen2.5-7b` on a GPU node),
+    `--repeats` of each measured pair, `--threads` for torch and vLLM's CPU worker alike,
+    `--prompts` per batch (each a GRPO group of 4), `--new-tokens` per completion."""
+
+    model: str = "tiny"
+    repeats: int = 3
+    threads: int = 1
+    prompts: int = 2
+    new_tokens: int = 32
+    rank: int = 64
+
+    @classmethod
+    def from_env(cls) -> BenchSettings:
+        env = os.environ.get
+        return cls(model=env("NLI_GRPO_BENCH_MODEL", "tiny"), repeats=int(env("NLI_GRPO_BENCH_REPEATS", "3")),
+                   threads=int(env("NLI_GRPO_BENCH_THREADS", "1")), prompts=int(env("NLI_GRPO_BENCH_PROMPTS", "2")),
+                   new_tokens=int(env("NLI_GRPO_BENCH_NEW_TOKENS", "32")), rank=int(env("NLI_GRPO_BENCH_RANK", "64")))
+
+    def export(self) -> None:
+        """Into the environment: the benchmarks (and vLLM's worker processes) read it there."""
+        os.environ.update(NLI_GRPO_BENCH_MODEL=self.model, NLI_GRPO_BENCH_REPEATS=str(self.repeats),
+                          NLI_GRPO_BENCH_THREADS=str(self.threads), NLI_GRPO_BENCH_PROMPTS=str(self.prompts),
+                          NLI_GRPO_BENCH_NEW_TOKENS=str(self.new_tokens), NLI_GRPO_BENCH_RANK=str(self.rank))
+
+
+def _pin_threads(threads: int) -> None:
+    """The same cores for both sides of a pair: torch's threads here, OpenMP's in vLLM's worker,
+    and none of them held back by vLLM (it reserves one core by default)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.update(OMP_NUM_THREADS=str(threads), VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+
+
+def summary(values: list[float], digits: int = 3) -> dict:
+    """Median and spread (min, max) of repeated measurements."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {"median": round(median, digits), "min": round(ordered[0], digits), "max": round(ordered[-1], digits),
+            "n": len(ordered)}
+
+
+def interleaved(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each measure `repeats` times, side by side: A B, B A, A B ... so a change in the machine's
+    load during the run falls on both sides alike."""
+    values: dict[str, list[float]] = {name: [] for name in measures}
+    names = list(measures)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            values[name].append(measures[name]())
+    return values
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> list[float]:
+    """Per-repeat ratios of two interleaved measurements (each repeat's pair ran back to back)."""
+    return [a / b for a, b in zip(numerator, denominator)]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, dict) and "median" in value:
+        return f"{value['median']:g} ({value['min']:g} to {value['max']:g}, n={value['n']})"
+    return str(value)
+
+
+def markdown_table(figures: dict) -> str:
+    """Every benchmark's figures as Markdown: one table per benchmark, medians with their spread."""
+    blocks = []
+    for name, values in figures.items():
+        rows = [f"| {key} | {_fmt(value)} |" for key, value in values.items() if key != "projection_table"]
+        blocks.append(f"### {name}\n\n| figure | value (median (min to max, n)) |\n|---|---|\n" + "\n".join(rows))
+        if "projection_table" in values:
+            blocks.append(values["projection_table"])
+    return "\n\n".join(blocks) + "\n"
+
+
+def _run_config(workdir: Path, settings: BenchSettings, *extra: str):
+    """The smoke recipe on the benchmark's model: LoRA at settings.rank, groups of 4, settings.prompts
+    prompts per step, settings.new_tokens per completion, gradient checkpointing (the paper's)."""
+    from .job import config_for_run
+
+    return config_for_run("smoke", [
+        # gradient checkpointing as the paper's recipe (without it a 0.5B step on the CPU needs ~9 GB)
+        f"model.name_or_path={settings.model}", f"lora.rank={settings.rank}", "grpo.top_k=0", "model.gradient_checkpointing=true",
+        f"grpo.max_completion_length={settings.new_tokens}", f"grpo.completions_per_step={4 * settings.prompts}",
+        *extra], str(workdir / "run"))
+
+
+def _rollout_setup(workdir: Path, settings: BenchSettings):
+    """The policy the rollout benchmark uses and a batch of the paper's NLI prompts through the chat
+    template, each repeated for a group of 4."""
     import torch
     from peft import get_peft_model
 
     from .data import load_train_source
-    from .job import config_for_run
     from .models import load_base_model, load_tokenizer, peft_lora_config, training_precision
     from .prompts import render_prompt
 
-    model = os.environ.get("NLI_GRPO_BENCH_MODEL", "tiny")
-    rank = int(os.environ.get("NLI_GRPO_BENCH_RANK", "64"))
-    cfg = config_for_run("smoke", [f"model.name_or_path={model}", f"lora.rank={rank}", "grpo.max_completion_length=64",
-                                   "grpo.top_k=0"], str(workdir / "run"))
+    cfg = _run_config(workdir, settings)
     tokenizer = load_tokenizer(cfg.model)
-    rows = load_train_source("anli_train_r1", local_dir="samples", hub=False, limit=8).dataset
+    rows = load_train_source("anli_train_r1", local_dir="samples", hub=False, limit=settings.prompts).dataset
     prompts = [render_prompt(tokenizer, p, h) for p, h in zip(rows["premise"], rows["hypothesis"])]
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts for _ in range(cfg.grpo.num_generations)]
-    policy = get_peft_model(load_base_model(cfg.model, training_precision(cfg, torch.cuda.is_available())["dtype"]),
-                            peft_lora_config(cfg.lora))
+    load_s, _, base = _timed(load_base_model, cfg.model, training_precision(cfg, torch.cuda.is_available())["dtype"])
+    policy = get_peft_model(base, peft_lora_config(cfg.lora))
     # A trained-looking adapter (LoRA B is 0 at init, which vLLM could shortcut).
     for name, param in policy.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.01)
-    return cfg, tokenizer, prompt_ids, policy
+    return cfg, tokenizer, prompt_ids, policy.eval(), load_s
 
 
 @benchmark("rollout")
 def bench_rollout(workdir: Path) -> dict:
-    """Rollouts and policy syncs, side by side on the same model, adapter and batch.
+    """Rollouts and policy syncs, side by side on the same model, adapter and batch (the paper's
+    prompts through the chat template, groups of 4), the same threads on both sides.
 
-    Throughput: vLLM with the adapter hot-swapped vs HF generate, every sequence forced to the same
-    completion length (EOS ignored) so both produce exactly the same number of tokens.
+    Throughput: vLLM with the adapter hot-swapped vs HF generate on the PEFT model, and both
+    without the adapter (the base alone); every sequence forced to the same completion length
+    (EOS ignored) so both produce exactly the same number of tokens. vLLM with a group's prompt
+    sent once (n=4 samples) vs once per sample.
     Sync: our hot-swap (save the LoRA weights, new LoRARequest, retire the old one in vLLM) vs
     TRL's full merged-weight push (merge the adapter into the base, gather every weight, unmerge).
     The push's last step, vLLM's load_weights, cannot run on vLLM's CPU backend (platform-notes),
@@ -221,37 +315,50 @@ def bench_rollout(workdir: Path) -> dict:
     import torch
     from vllm import SamplingParams
 
-    from .rollout import AdapterHotSwap, build_llm
+    from .rollout import AdapterHotSwap, build_llm, group_runs
 
-    cfg, tokenizer, prompt_ids, policy = _rollout_setup(workdir)
+    settings = BenchSettings.from_env()
+    _pin_threads(settings.threads)
+    cfg, tokenizer, prompt_ids, policy, load_s = _rollout_setup(workdir, settings)
     g = cfg.grpo
     new_tokens = g.max_completion_length
+    tokenizer.padding_side = "left"
+    enc = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(policy.device)
 
-    def hf_rollout():
-        tokenizer.padding_side = "left"
-        enc = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(policy.device)
-        with torch.no_grad():
-            out = policy.generate(**enc, do_sample=True, temperature=g.temperature, top_p=g.top_p, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
-        return (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+    def hf_rollout(adapter: bool) -> float:
+        context = contextlib.nullcontext() if adapter else policy.disable_adapter()
+        started = time.perf_counter()
+        with torch.no_grad(), context:
+            out = policy.generate(**enc, do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+        return (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0] / (time.perf_counter() - started)
 
-    hf_rollout()  # warm-up
-    hf_s, _, hf_tokens = _timed(hf_rollout)
     start_s, _, llm = _timed(lambda: build_llm(cfg, purpose="rollout", lora_rank=cfg.lora.rank))
     swap = AdapterHotSwap(llm, workdir / "adapters")
-    params = SamplingParams(temperature=g.temperature, top_p=g.top_p, max_tokens=new_tokens, ignore_eos=True)
+    versions = iter(range(1, 10_000))
 
-    def vllm_rollout(step: int):
-        request = swap.sync(policy, step)
-        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, lora_request=request, use_tqdm=False)
-        return sum(len(o.outputs[0].token_ids) for o in outs)
+    def vllm_rollout(adapter: bool, shared: bool = False) -> float:
+        # a new policy version each time, as in training (its first generate loads it)
+        request = swap.sync(policy, next(versions)) if adapter else None
+        runs = group_runs(prompt_ids) if shared else [(i, 1) for i in range(len(prompt_ids))]
+        params = [SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, max_tokens=new_tokens, ignore_eos=True)
+                  for _, n in runs]
+        started = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": prompt_ids[first]} for first, _ in runs], params, lora_request=request,
+                            use_tqdm=False)
+        return sum(len(c.token_ids) for o in outs for c in o.outputs) / (time.perf_counter() - started)
 
-    vllm_rollout(0)  # warm-up (first LoRA load)
-    vllm_s, _, vllm_tokens = _timed(vllm_rollout, 1)
+    hf_rollout(True), vllm_rollout(True)  # warm-up (first LoRA load)
+    tps = interleaved({
+        "hf_adapter": lambda: hf_rollout(True), "vllm_adapter": lambda: vllm_rollout(True),
+        "hf_base": lambda: hf_rollout(False), "vllm_base": lambda: vllm_rollout(False),
+        "vllm_adapter_group_shared": lambda: vllm_rollout(True, shared=True),
+    }, settings.repeats)
     # Each sync publishes a new version (and retires the previous one); the next generate loads it.
-    sync_s = sorted(_timed(swap.sync, policy, step)[0] for step in range(2, 7))[2]
+    sync_s = [_timed(swap.sync, policy, 20_000 + step)[0] for step in range(5)]
     hot_bytes = swap.bytes_last_sync
     swap.close()
+    llm.llm_engine.engine_core.shutdown()
 
     def full_push() -> int:
         policy.merge_adapter()
@@ -263,19 +370,23 @@ def bench_rollout(workdir: Path) -> dict:
         policy.unmerge_adapter()
         return sent
 
-    full_push()
-    push_s = sorted(_timed(full_push)[0] for _ in range(5))[2]
     push_bytes = full_push()
+    push_s = [_timed(full_push)[0] for _ in range(5)]
     return {
-        "model": cfg.model.name_or_path, "lora_rank": cfg.lora.rank, "sequences": len(prompt_ids),
-        "new_tokens_per_sequence": new_tokens, "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "hf_tokens_per_s": round(hf_tokens / hf_s, 1), "vllm_tokens_per_s": round(vllm_tokens / vllm_s, 1),
-        "vllm_over_hf": round((vllm_tokens / vllm_s) / (hf_tokens / hf_s), 2),
-        "vllm_engine_start_s": round(start_s, 1),
-        "hot_swap_bytes": hot_bytes, "hot_swap_s": round(sync_s, 4),
-        "full_push_bytes": push_bytes, "full_push_s": round(push_s, 4),
+        "model": cfg.model.name_or_path, "lora_rank": cfg.lora.rank, "sequences": len(prompt_ids), "group_size": g.num_generations,
+        "prompt_tokens": summary([len(x) for x in prompt_ids], 0),
+        "new_tokens_per_sequence": new_tokens, "threads": settings.threads,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        **{f"{k}_tokens_per_s": summary(v, 2) for k, v in tps.items()},
+        "vllm_over_hf_with_adapter": summary(paired_ratio(tps["vllm_adapter"], tps["hf_adapter"]), 2),
+        "vllm_over_hf_without_adapter": summary(paired_ratio(tps["vllm_base"], tps["hf_base"]), 2),
+        "group_shared_over_per_sample": summary(paired_ratio(tps["vllm_adapter_group_shared"], tps["vllm_adapter"]), 2),
+        "hf_model_load_s": round(load_s, 2), "vllm_engine_start_s": round(start_s, 1),
+        "hot_swap_bytes": hot_bytes, "hot_swap_s": summary(sync_s, 4),
+        "full_push_bytes": push_bytes, "full_push_s": summary(push_s, 4),
         "full_push_over_hot_swap_bytes": round(push_bytes / hot_bytes, 2),
-        "full_push_over_hot_swap_s": round(push_s / sync_s, 2),
+        "full_push_over_hot_swap_s": round(summary(push_s, 6)["median"] / summary(sync_s, 6)["median"], 2),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
     }
 
 
@@ -287,16 +398,16 @@ def bench_sync_bytes(workdir: Path) -> dict:
     memory), so it runs anywhere."""
     import torch
     from peft import get_peft_model
-    from transformers import Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from .catalog import QWEN25_COMMON, QWEN25_SHAPES
+    from .catalog import QWEN25_SHAPES, qwen25_config
     from .config import LoraConfig
-    from .models import _qwen2_config, peft_lora_config
+    from .models import peft_lora_config
 
     figures = {}
-    for name, shape in QWEN25_SHAPES.items():
+    for name in QWEN25_SHAPES:
         with torch.device("meta"):
-            base = Qwen2ForCausalLM(_qwen2_config(shape, QWEN25_COMMON["vocab_size"])).to(torch.bfloat16)
+            base = Qwen2ForCausalLM(Qwen2Config(**qwen25_config(name))).to(torch.bfloat16)
         full = sum(p.numel() * p.element_size() for p in base.parameters())
         figures[f"{name}_full_push_GB"] = round(full / 1e9, 2)
         peft_model = get_peft_model(base, peft_lora_config(LoraConfig(rank=8)))
@@ -341,6 +452,408 @@ def bench_grpo_step(workdir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# One GRPO step by phase, trainer overhead, evaluation, a cell's fixed costs
+# ---------------------------------------------------------------------------------------------
+
+PHASES = ("generation", "adapter_sync", "ref_old_logprobs", "forward", "backward", "optimizer", "other")
+
+
+def _alternating_rewards(completions, **_):
+    """Rewards 0, 1, 0, 1 ...: every group has non-zero advantages, so no update is skipped
+    (random weights would score 0 everywhere, and our trainer skips such updates; TRL does not)."""
+    return [float(i % 2) for i in range(len(completions))]
+
+
+def attach_phase_timer(trainer) -> list[dict]:
+    """Time each optimizer step of `trainer` by phase; returns the list it appends one
+    {phase: seconds, "step": total} per step to. Generation is TRL's `_generate_single_turn`
+    (less the adapter sync inside it), the reference / old log-probs its no-grad
+    `_get_per_token_logps_and_entropies`, forward `compute_loss`, backward the accelerator's,
+    the optimizer the time between transformers' pre- and post-optimizer-step callbacks; `other`
+    is the rest of the step (rewards, advantages, data, logging inside the step)."""
+    import torch
+    from transformers import TrainerCallback
+
+    steps: list[dict] = []
+    current: dict[str, float] = {}
+
+    def wrap(owner, attr: str, phase: str, when=lambda: True):
+        inner = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            if not when():
+                return inner(*args, **kwargs)
+            started = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                current[phase] = current.get(phase, 0.0) + time.perf_counter() - started
+        setattr(owner, attr, timed)
+
+    wrap(trainer, "_generate_single_turn", "generation")
+    wrap(trainer, "_get_per_token_logps_and_entropies", "ref_old_logprobs", when=lambda: not torch.is_grad_enabled())
+    wrap(trainer, "compute_loss", "forward")
+    wrap(trainer.accelerator, "backward", "backward")
+    if getattr(trainer, "hot_swap", None) is not None:
+        wrap(trainer.hot_swap, "sync", "adapter_sync")
+
+    class Clock(TrainerCallback):
+        began = optimizer_began = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            current.clear()
+            self.began = time.perf_counter()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.optimizer_began = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            current["optimizer"] = current.get("optimizer", 0.0) + time.perf_counter() - self.optimizer_began
+
+        def on_step_end(self, args, state, control, **kwargs):
+            total = time.perf_counter() - self.began
+            phases = {p: current.get(p, 0.0) for p in PHASES if p != "other"}
+            phases["generation"] -= phases["adapter_sync"]  # the sync runs inside generation
+            phases["other"] = total - sum(phases.values())
+            steps.append({**phases, "step": total})
+
+    trainer.add_callback(Clock())
+    return steps
+
+
+def _phase_figures(prefix: str, steps: list[dict]) -> dict:
+    measured = steps[1:] or steps  # the first step warms up (first LoRA load, allocator)
+    return {f"{prefix}_{key}_s": summary([s[key] for s in measured]) for key in (*PHASES, "step")}
+
+
+@benchmark("grpo_phases")
+def bench_grpo_phases(workdir: Path) -> dict:
+    """One GRPO step broken into phases (generation, adapter sync, reference / old log-probs,
+    forward, backward, optimizer, the rest) with HF and with colocated vLLM rollouts, through our
+    trainer (nli_grpo.training.build_trainer): 1 + --repeats steps each, the first dropped.
+    One policy update per generation (grpo.num_iterations=1, so no old log-probs: the reference
+    model's are the only no-grad pass; the paper's num_iterations=4 adds one more of the same size,
+    which the projection counts)."""
+    import gc
+
+    from .process import StopRequest
+    from .training import _release, build_trainer
+
+    settings = BenchSettings.from_env()
+    _pin_threads(settings.threads)
+    figures: dict = {"model": settings.model, "lora_rank": settings.rank, "completions_per_step": 4 * settings.prompts,
+                     "new_tokens": settings.new_tokens, "threads": settings.threads}
+    for backend in ("hf", "vllm"):
+        cfg = _run_config(workdir / backend, settings, f"rollout.backend={backend}", "grpo.num_iterations=1",
+                          f"grpo.max_steps={settings.repeats + 1}", "grpo.save_steps=100000", "eval.after_training=false",
+                          "grpo.gradient_accumulation_steps=1")
+        trainer, _ = build_trainer(cfg, StopRequest(), reward_funcs=[_alternating_rewards])
+        steps = attach_phase_timer(trainer)
+        trainer.train()
+        if hasattr(trainer, "close_rollout"):
+            trainer.close_rollout()
+        figures.update(_phase_figures(backend, steps))
+        _release(trainer)  # the next backend's model (and engine) must fit beside nothing of this one
+        del trainer
+        gc.collect()
+    hf, vl = (lambda k: figures[f"hf_{k}_s"]["median"]), (lambda k: figures[f"vllm_{k}_s"]["median"])
+    figures["generation_hf_over_vllm"] = round(hf("generation") / max(vl("generation") + vl("adapter_sync"), 1e-9), 2)
+    figures["step_hf_over_vllm"] = round(hf("step") / vl("step"), 2)
+    figures["hf_generation_share"] = round(hf("generation") / hf("step"), 3)
+    projection = project_grid_hours({p: hf(p) for p in PHASES}, {p: vl(p) for p in PHASES})
+    figures["projection"] = projection
+    figures["projection_table"] = projection_table(projection)
+    figures["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return figures
+
+
+# The paper's training cells (sweeps/paper.py; zero-shot cells train nothing): size -> cells, each
+# (steps x completions per step): 3 main runs x 3 seeds at 4000 x 8, and on 7B 10 LoRA-rank cells
+# (5 ranks x bf16/AWQ) x 3 seeds at 1000 x 32: the same completions per cell.
+PAPER_TRAINING_CELLS = {"7b": 3 + 30, "14b": 3, "32b": 3}
+PAPER_NUM_ITERATIONS = 4
+
+
+def generation_cycle_seconds(phases: dict, num_iterations: int) -> float:
+    """Seconds of one generation batch and the num_iterations updates trained on it, from one
+    measured step with num_iterations=1: generation + adapter sync + the no-grad log-prob pass
+    (reference; with num_iterations > 1 also the old policy's, the same size) + num_iterations x
+    (forward + backward + optimizer + the rest)."""
+    logprob_passes = 2 if num_iterations > 1 else 1
+    update = phases["forward"] + phases["backward"] + phases["optimizer"] + phases["other"]
+    return phases["generation"] + phases["adapter_sync"] + logprob_passes * phases["ref_old_logprobs"] + num_iterations * update
+
+
+def project_grid_hours(hf: dict, vllm: dict, num_iterations: int = PAPER_NUM_ITERATIONS) -> dict:
+    """A PROJECTION, not a measurement: the paper grid's GPU-hours with vLLM rollouts from those
+    with HF rollouts, by the measured phase ratio. Formula:
+        ratio = cycle(vllm phases) / cycle(hf phases)          (generation_cycle_seconds)
+        hours_hf(size)   = cells(size) x time limit(size) x GPUs(size)   (grid.SIZE_RESOURCES)
+        hours_vllm(size) = ratio x hours_hf(size)
+    Assumptions: each HF cell runs for its whole Slurm time limit (an upper bound: the budget the
+    sweeps ask for); the phase ratio measured here (CPU, this model, these lengths) holds on the GPU
+    for every size. Longer completions (the paper allows 512 tokens) raise generation's share and
+    with it vLLM's saving."""
+    from .grid import SIZE_RESOURCES
+
+    ratio = generation_cycle_seconds(vllm, num_iterations) / generation_cycle_seconds(hf, num_iterations)
+    rows = {}
+    for size, cells in PAPER_TRAINING_CELLS.items():
+        res = SIZE_RESOURCES[size]
+        hf_hours = cells * res["timeout_min"] / 60 * res["gpus_per_node"]
+        rows[size] = {"cells": cells, "hf_gpu_hours": round(hf_hours), "vllm_gpu_hours": round(hf_hours * ratio)}
+    total_hf = sum(r["hf_gpu_hours"] for r in rows.values())
+    return {"num_iterations": num_iterations, "cycle_ratio_vllm_over_hf": round(ratio, 3), "sizes": rows,
+            "total_hf_gpu_hours": total_hf, "total_vllm_gpu_hours": round(total_hf * ratio)}
+
+
+def projection_table(projection: dict) -> str:
+    """The projection as a Markdown table, labelled as one, with its formula."""
+    lines = ["**Projection** (not measured): paper grid GPU-hours, HF vs vLLM rollouts. "
+             f"ratio = cycle(vLLM) / cycle(HF) = {projection['cycle_ratio_vllm_over_hf']}, cycle = generation + sync + "
+             f"{2 if projection['num_iterations'] > 1 else 1} x log-prob pass + {projection['num_iterations']} x "
+             "(forward + backward + optimizer + rest), phases measured by `grpo_phases`; HF hours = cells x Slurm time "
+             "limit x GPUs (assumed fully used).", "",
+             "| size | training cells | HF GPU-h | vLLM GPU-h (projected) |", "|---|---|---|---|"]
+    for size, row in projection["sizes"].items():
+        lines.append(f"| {size} | {row['cells']} | {row['hf_gpu_hours']} | {row['vllm_gpu_hours']} |")
+    lines.append(f"| total | {sum(r['cells'] for r in projection['sizes'].values())} | {projection['total_hf_gpu_hours']} | "
+                 f"{projection['total_vllm_gpu_hours']} |")
+    return "\n".join(lines)
+
+
+def _step_clock(trainer) -> list[float]:
+    """Seconds of each optimizer step of `trainer`, logging included: step start to the next
+    step's start (the last: to the end of training)."""
+    from transformers import TrainerCallback
+
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            marks.append(time.perf_counter())
+
+        def on_train_end(self, args, state, control, **kwargs):
+            marks.append(time.perf_counter())
+
+    trainer.add_callback(Clock())
+    return marks
+
+
+def _bare_trl_trainer(cfg, out: Path):
+    """What a user writes with TRL alone: GRPOTrainer on the same model, LoRA, prompts and
+    GRPOConfig (nli_grpo.training.trl_args, trackers off), no subclass, no callbacks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOTrainer
+
+    from .models import load_tokenizer, peft_lora_config, resolve_model_path
+    from .training import prompt_dataset, trl_args
+
+    tokenizer = load_tokenizer(cfg.model)
+    dataset, _ = prompt_dataset(cfg, tokenizer)
+    args = trl_args(cfg, out)
+    args.report_to = []
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path), dtype=torch.float32)
+    return GRPOTrainer(model=model, reward_funcs=[_alternating_rewards], args=args, train_dataset=dataset,
+                       processing_class=tokenizer, peft_config=peft_lora_config(cfg.lora))
+
+
+@benchmark("overhead")
+def bench_overhead(workdir: Path) -> dict:
+    """Our trainer's seconds per step over a bare TRL GRPOTrainer script's, same settings, HF
+    rollouts: `ratio` (goal <= 1.05). Runs alternate (ours, bare, bare, ours ...), 3 steps each
+    (tiny: 10; the first dropped), for max(1, --repeats // 2) pairs."""
+    from .process import StopRequest
+    from .training import _release, build_trainer
+
+    settings = BenchSettings.from_env()
+    _pin_threads(settings.threads)
+    steps = 10 if settings.model == "tiny" else 3  # a tiny step is short: more of them against the machine's noise
+    runs = iter(range(1000))
+
+    def cfg_for(kind: str):
+        return _run_config(workdir / f"{kind}-{next(runs)}", settings, "rollout.backend=hf", "grpo.num_iterations=1",
+                           f"grpo.max_steps={steps}", "grpo.save_steps=100000", "eval.after_training=false",
+                           "grpo.gradient_accumulation_steps=1")
+
+    per_step: dict[str, list[float]] = {"ours": [], "bare": []}
+
+    def run(kind: str) -> float:
+        cfg = cfg_for(kind)
+        if kind == "ours":
+            trainer, _ = build_trainer(cfg, StopRequest(), reward_funcs=[_alternating_rewards])
+        else:
+            trainer = _bare_trl_trainer(cfg, Path(cfg.output.dir) / "bare")
+        marks = _step_clock(trainer)
+        trainer.train()
+        _release(trainer)  # one model in memory at a time
+        seconds = [b - a for a, b in zip(marks, marks[1:])][1:]
+        per_step[kind] += seconds
+        return sum(seconds) / len(seconds)
+
+    means = interleaved({"ours": lambda: run("ours"), "bare": lambda: run("bare")}, max(1, settings.repeats // 2))
+    ours, bare = summary(per_step["ours"]), summary(per_step["bare"])
+    return {"model": settings.model, "steps_per_run": steps, "threads": settings.threads,
+            "ours_step_s": ours, "bare_trl_step_s": bare,
+            "ratio": round(ours["median"] / bare["median"], 3),
+            "ratio_per_pair": summary(paired_ratio(means["ours"], means["bare"])),
+            "goal_ratio_max": 1.05, "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+@benchmark("evaluation")
+def bench_evaluation(workdir: Path) -> dict:
+    """Examples/s of our 13-set evaluation (nli_grpo.evaluation.evaluate: data loading, prompts,
+    generation, scoring, prediction files) vs raw vLLM generate of the same prompts with the same
+    greedy settings, on one engine, side by side (NLI_GRPO_BENCH_EVAL_LIMIT examples per set)."""
+    from vllm import SamplingParams
+
+    from .data import BENCHMARK_NAMES, load_benchmark
+    from .evaluation import VLLMGenerator, _token_budget, evaluate
+
+    settings = BenchSettings.from_env()
+    _pin_threads(settings.threads)
+    limit = int(os.environ.get("NLI_GRPO_BENCH_EVAL_LIMIT", "4"))
+    cfg = _run_config(workdir, settings, "stage=zero_shot", "eval.backend=vllm", f"eval.limit={limit}",
+                      f"eval.max_new_tokens={settings.new_tokens}")
+    start_s, _, generator = _timed(VLLMGenerator, cfg, None)
+    from .prompts import render_prompt
+
+    ids = []
+    for name in BENCHMARK_NAMES:
+        ds = load_benchmark(name, local_dir=cfg.data.local_dir, hub=False, limit=limit).dataset
+        ids += [generator.tokenizer(render_prompt(generator.tokenizer, p, h), add_special_tokens=False).input_ids
+                for p, h in zip(ds["premise"], ds["hypothesis"])]
+    e = cfg.eval
+    params = [SamplingParams(temperature=0.0, max_tokens=_token_budget(len(x), e.max_new_tokens, e.max_model_len),
+                             skip_special_tokens=True) for x in ids]
+
+    def ours() -> float:
+        started = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):
+            block = evaluate(cfg, adapter=None, generator=generator)
+        return sum(entry["n"] for entry in block.values()) / (time.perf_counter() - started)
+
+    def raw() -> float:
+        started = time.perf_counter()
+        generator.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        return len(ids) / (time.perf_counter() - started)
+
+    raw()  # warm-up
+    eps = interleaved({"ours": ours, "raw_vllm": raw}, settings.repeats)
+    generator.close()
+    return {"model": settings.model, "sets": len(BENCHMARK_NAMES), "examples": len(ids), "max_new_tokens": e.max_new_tokens,
+            "threads": settings.threads, "eval_engine_start_s": round(start_s, 1),
+            "ours_examples_per_s": summary(eps["ours"]), "raw_vllm_examples_per_s": summary(eps["raw_vllm"]),
+            "ours_over_raw": summary(paired_ratio(eps["ours"], eps["raw_vllm"])),
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+@benchmark("fixed_costs")
+def bench_fixed_costs(workdir: Path) -> dict:
+    """A cell's fixed costs through the real job (nli_grpo.job.run: 1 GRPO step with colocated vLLM
+    rollouts, then the evaluation on one set): engine starts, model loads and the job's wall time,
+    with the evaluation reusing the rollout engine (now the default) and without (before)."""
+    from . import models, rollout
+    from .job import run
+
+    settings = BenchSettings.from_env()
+    _pin_threads(settings.threads)
+    counts: dict[str, list[float]] = {}
+
+    def counted(owner, attr: str):
+        inner = getattr(owner, attr)
+
+        def call(*args, **kwargs):
+            seconds, _, value = _timed(lambda: inner(*args, **kwargs))
+            counts.setdefault(attr, []).append(seconds)
+            return value
+        return inner, call
+
+    figures: dict = {"model": settings.model, "threads": settings.threads}
+    originals = {}
+    try:
+        for owner, attr in ((rollout, "build_llm"), (models, "load_base_model")):
+            originals[(owner, attr)], wrapped = counted(owner, attr)
+            setattr(owner, attr, wrapped)
+        for reuse in (True, False):
+            rollout.REUSE_ROLLOUT_ENGINE_FOR_EVAL = reuse
+            counts.clear()
+            label = "reuse" if reuse else "no_reuse"
+            cfg = _run_config(workdir / label, settings, "rollout.backend=vllm", "eval.backend=vllm", "grpo.max_steps=1",
+                              "grpo.num_iterations=1", "grpo.save_steps=100000", "eval.benchmarks=[anli_r1]", "eval.limit=2",
+                              f"eval.max_new_tokens={settings.new_tokens}", "grpo.gradient_accumulation_steps=1")
+            wall, _, code = _timed(run, cfg, [_alternating_rewards])
+            if code != 0:
+                raise RuntimeError(f"the {label} job failed (exit {code}); see {cfg.output.dir}")
+            figures[f"{label}_job_s"] = round(wall, 1)
+            figures[f"{label}_engine_starts"] = len(counts.get("build_llm", []))
+            figures[f"{label}_engine_start_s"] = round(sum(counts.get("build_llm", [])), 1)
+            figures[f"{label}_hf_model_loads"] = len(counts.get("load_base_model", []))
+            figures[f"{label}_hf_model_load_s"] = round(sum(counts.get("load_base_model", [])), 1)
+    finally:
+        rollout.REUSE_ROLLOUT_ENGINE_FOR_EVAL = True
+        for (owner, attr), inner in originals.items():
+            setattr(owner, attr, inner)
+    figures["job_s_saved_by_reuse"] = round(figures["no_reuse_job_s"] - figures["reuse_job_s"], 1)
+    figures["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return figures
+
+
+#: Why TRL's AsyncGRPOTrainer (trl/experimental/async_grpo) is not in the comparison on a machine
+#: without CUDA: found by running it here against the vLLM CPU server with adapter sync.
+TRL_ASYNC_NEEDS_CUDA = ("TRL 1.16's AsyncGRPOTrainer needs CUDA: its __init__ calls "
+                        "trl.trainer.utils.get_peak_flops_per_device (torch.cuda.get_device_name), and it "
+                        "loads the model with attn_implementation='tree_fa3' (FlashAttention-3 kernels from the hub)")
+
+
+@benchmark("server_rollouts")
+def bench_server_rollouts(workdir: Path) -> dict:
+    """Rollouts from a vLLM server vs colocated vLLM on the smoke task (its warm-started model, so
+    the reward moves), one after the other in this run: colocated (`rollout.backend=vllm`), the
+    server on-policy (`vllm_server`, max_staleness 0, the paper's) and one version ahead
+    (max_staleness 1: the next batch is generated while the update runs). Per mode: optimizer
+    steps per hour of training (first to last logged step; the engine or server start and model
+    load are reported apart as `start_s`) and the mean reward over the same steps. Issue 10's goal:
+    max_staleness 1 at >= 1.5x the on-policy server's steps per hour at equal reward.
+    NLI_GRPO_BENCH_SERVER_STEPS: steps per mode (default 16)."""
+    import torch
+
+    from .job import config_for_run, run
+
+    settings = BenchSettings.from_env()
+    _pin_threads(settings.threads)
+    steps = int(os.environ.get("NLI_GRPO_BENCH_SERVER_STEPS", "16"))
+    modes = {
+        "colocated": ["rollout.backend=vllm"],
+        "server_sync": ["rollout.backend=vllm_server"],
+        "server_stale1": ["rollout.backend=vllm_server", "rollout.max_staleness=1"],
+    }
+    figures: dict = {"steps": steps, "threads": settings.threads}
+    for mode, overrides in modes.items():
+        out = workdir / mode
+        cfg = config_for_run("smoke", [*overrides, f"grpo.max_steps={steps}", "grpo.num_iterations=1",
+                                       "grpo.save_steps=100000", "eval.after_training=false"], str(out))
+        started = time.time()
+        if run(cfg) != 0:
+            raise RuntimeError(f"the {mode} run failed; see {out}")
+        log = read_train_log(CellFolder(out).train_log)
+        first, last = log[0]["time"], log[-1]["time"]
+        seconds_per_step = (last - first) / (len(log) - 1)
+        figures[f"{mode}_steps_per_hour"] = round(3600 / seconds_per_step)
+        figures[f"{mode}_mean_reward"] = round(sum(r["reward"] for r in log) / len(log), 3)
+        figures[f"{mode}_start_s"] = round(first - started - seconds_per_step, 1)
+        if mode == "server_stale1":
+            figures["server_stale1_mean_staleness"] = round(sum(r.get("rollout/staleness", 0) for r in log) / len(log), 2)
+    figures["stale1_over_sync"] = round(figures["server_stale1_steps_per_hour"] / figures["server_sync_steps_per_hour"], 2)
+    figures["server_sync_over_colocated"] = round(figures["server_sync_steps_per_hour"] / figures["colocated_steps_per_hour"], 2)
+    figures["trl_async_grpo"] = "not run: " + TRL_ASYNC_NEEDS_CUDA if not torch.cuda.is_available() else \
+        "not run: no GPU run of it is wired here yet"
+    figures["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -350,7 +863,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON: {name: {figure: value}}")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR/<name> and keep it (default: a temporary folder)")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the figures as Markdown tables")
+    defaults = BenchSettings.from_env()
+    parser.add_argument("--model", default=defaults.model,
+                        help="model of the model benchmarks: tiny (default), random:qwen2.5-0.5b (the realistic CPU shape), ...")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="repeats of each measured pair (default 3)")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="torch / vLLM CPU threads, the same on both sides of a pair (default 1)")
+    parser.add_argument("--prompts", type=int, default=defaults.prompts, help="prompts per batch, a group of 4 each (default 2)")
+    parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens, help="tokens per completion (default 32)")
     args = parser.parse_args(argv)
+    BenchSettings(model=args.model, repeats=args.repeats, threads=args.threads, prompts=args.prompts,
+                  new_tokens=args.new_tokens, rank=defaults.rank).export()
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from: {', '.join(BENCHMARKS)}")
@@ -365,9 +889,14 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix=f"nli_grpo_bench_{name}_") as tmp:
                 figures[name] = BENCHMARKS[name](Path(tmp))
         width = max(map(len, figures[name]))
-        print(f"{name}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in figures[name].items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"{name}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in figures[name].items()
+                                        if k != "projection_table"), flush=True)
+        if args.json:  # after each benchmark: a later one failing loses nothing
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    table = markdown_table(figures)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
     return 0
 
 

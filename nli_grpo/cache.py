@@ -5,7 +5,7 @@ node; the sweep checks it before submitting; jobs read it offline.
     $NLI_GRPO_CACHE (default ~/.cache/nli_grpo)
       data/<stem>.jsonl         every evaluation set and ANLI training round, in its hub schema
       hub/                      Hugging Face hub cache of the models ($HF_HUB_CACHE when set)
-      models/                   stand-in models built locally (tiny, random:<shape>)
+      models/                   stand-in models built locally (tiny, tiny-sft, random:<shape>)
       prepared.lock.json        per set: source, revision or file, rows, rows without gold, sha256;
                                 per model: requested and resolved revision, snapshot folder
 
@@ -56,11 +56,25 @@ def read_lock() -> dict:
 
 
 @contextlib.contextmanager
+def _flock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
 def locked():
     """Exclusive use of the lock file while a prepare updates it (two prepares may run at once)."""
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with open(cache_dir() / f".{LOCK_FILENAME}.flock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with _flock(cache_dir() / f".{LOCK_FILENAME}.flock"):
+        yield
+
+
+@contextlib.contextmanager
+def building(target: Path):
+    """Exclusive right to build `target` in the cache (a stand-in model): jobs that start together
+    wait for the one building it, then find it built, instead of all building it."""
+    with _flock(target.parent / f".{target.name}.flock"):
         yield
 
 

@@ -15,11 +15,23 @@ QWEN25_SHAPES = {
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
     "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8),
     "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8),
+    # Not in the paper's grid: the smallest real shape, for realistic performance checks on a CPU (nli_grpo.bench).
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
 }
 QWEN25_COMMON = dict(
     vocab_size=152064, hidden_act="silu", rope_theta=1_000_000.0, rms_norm_eps=1e-6,
     max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
 )
+#: Where a size's public config.json differs from QWEN25_COMMON (the small sizes tie the LM head to
+#: the embeddings and have a smaller padded vocabulary).
+QWEN25_DIFFERENCES = {"qwen2.5-0.5b": dict(vocab_size=151936, tie_word_embeddings=True)}
+
+
+def qwen25_config(name: str) -> dict:
+    """The full config.json fields of a Qwen2.5 shape (`qwen2.5-7b`): common settings, the size's
+    differences and its shape."""
+    return {**QWEN25_COMMON, **QWEN25_DIFFERENCES.get(name, {}), **QWEN25_SHAPES[name]}
+
 # Head dim 64: vLLM's CPU attention rejects 16 (platform-notes.md).
 # initializer_range 0.1 (Qwen: 0.02) gives the tiny model peaked, not uniform, next-token
 # distributions, so a few LoRA updates visibly move what it samples (the learning-signal test).
@@ -28,6 +40,9 @@ TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, n
 TINY_VOCAB_SIZE = 512
 #: Bumped whenever the tiny model or its tokenizer changes, so caches rebuild.
 TINY_VERSION = 2
+#: The tiny stand-ins: `tiny` (random weights) and `tiny-sft` (warm-started on the answer format by a
+#: few seconds of SFT, nli_grpo.warmstart, so that its answers parse: the smoke recipe's model).
+TINY_MODELS = ("tiny", "tiny-sft")
 #: Written into a stand-in model's folder: what it is (its name, random weights).
 STAND_IN_FILENAME = "nli_grpo_stand_in.json"
 #: Checkpoint suffix per quantization: AWQ needs the pre-quantised checkpoint; bnb-4bit quantises
@@ -43,8 +58,8 @@ def qwen_checkpoint(size: str, quantization: str) -> str:
 def stand_in_shape(name_or_path: str) -> str | None:
     """`tiny` -> `tiny`, `random:qwen2.5-7b` -> `qwen2.5-7b`; None for a real checkpoint. Raises
     ValueError for a `random:` shape that does not exist."""
-    if name_or_path == "tiny":
-        return "tiny"
+    if name_or_path in TINY_MODELS:
+        return name_or_path
     if not name_or_path.startswith("random:"):
         return None
     shape = name_or_path.split(":", 1)[1]
@@ -55,8 +70,8 @@ def stand_in_shape(name_or_path: str) -> str | None:
 
 def model_key(name_or_path: str) -> str:
     """Short model name for cell ids and tables: `Qwen/Qwen2.5-7B-Instruct-AWQ` -> `qwen2.5-7b`."""
-    if name_or_path == "tiny":
-        return "tiny"
+    if name_or_path in TINY_MODELS:
+        return name_or_path
     if name_or_path.startswith("random:"):
         return name_or_path.split(":", 1)[1] + "-random"
     name = Path(name_or_path.rstrip("/")).name.lower()
@@ -72,13 +87,14 @@ def default_quantization(name_or_path: str) -> str:
 
 
 def model_shape(name_or_path: str) -> dict | None:
-    """hidden / intermediate / layers / heads / kv heads / vocab of a model, without loading it:
+    """hidden / intermediate / layers / heads / kv heads / vocab (/ tied embeddings) of a model, without loading it:
     known Qwen2.5 shapes, the tiny stand-in, or a local folder's config.json; None if unknown."""
-    if name_or_path == "tiny":
+    if name_or_path in TINY_MODELS:
         return {**TINY_SHAPE, "vocab_size": TINY_VOCAB_SIZE}
     key = model_key(name_or_path).removesuffix("-random")
     if key in QWEN25_SHAPES:
-        return {**QWEN25_SHAPES[key], "vocab_size": QWEN25_COMMON["vocab_size"]}
+        config = qwen25_config(key)
+        return {**QWEN25_SHAPES[key], "vocab_size": config["vocab_size"], "tie_word_embeddings": config["tie_word_embeddings"]}
     config = Path(name_or_path) / "config.json"
     if config.is_file():
         return json.loads(config.read_text())
@@ -93,5 +109,11 @@ def adapter_base_model(adapter: Path) -> str | None:
     stand_in = Path(base, STAND_IN_FILENAME) if base else None
     if stand_in is not None and stand_in.is_file():
         name = json.loads(stand_in.read_text())["name"]
-        return name if name == "tiny" else f"random:{name}"
+        return name if name in TINY_MODELS else f"random:{name}"
     return base
+
+
+def kv_cache_bytes_per_token(shape: dict, dtype_bytes: int) -> int:
+    """Bytes of attention KV cache one token takes: keys and values of every layer's KV heads."""
+    head_dim = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+    return 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * dtype_bytes

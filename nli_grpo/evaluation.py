@@ -105,11 +105,13 @@ class VLLMGenerator:
     """Generation with vLLM; the adapter is served as a LoRA request on the base model."""
 
     def __init__(self, cfg: ExperimentConfig, adapter: Path | None):
-        from .rollout import build_llm
+        from .rollout import build_llm, take_parked_engine
 
         self.cfg = cfg
         rank = adapter_rank(adapter) if adapter is not None else None
-        self.llm = build_llm(cfg, purpose="eval", lora_rank=rank)
+        # The colocated rollout engine the training just used, when it was kept for this
+        # evaluation (rollout.eval_reuses_rollout_engine); else an engine of its own.
+        self.llm = take_parked_engine() or build_llm(cfg, purpose="eval", lora_rank=rank)
         self.tokenizer = self.llm.get_tokenizer()
         self.lora = None
         if adapter is not None:

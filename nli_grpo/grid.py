@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cache
-from .catalog import model_key, model_shape, qwen_checkpoint, stand_in_shape
+from .catalog import kv_cache_bytes_per_token, model_key, model_shape, qwen_checkpoint, stand_in_shape
 from .config import ExperimentConfig, training_processes
 
 
@@ -219,8 +219,29 @@ def base_weights_gb(cfg: ExperimentConfig) -> float | None:
     h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     kv_dim = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
     linear_params = layers * (2 * h * h + 2 * h * kv_dim + 3 * h * inter)
-    embeddings = 2 * shape["vocab_size"] * h * 2  # embeddings + lm_head stay 16-bit
+    tables = 1 if shape.get("tie_word_embeddings") else 2  # embeddings (+ lm_head unless tied) stay 16-bit
+    embeddings = tables * shape["vocab_size"] * h * 2
     return (linear_params * _BYTES_PER_LINEAR_WEIGHT[cfg.model.quantization] + embeddings) / 2.0**30
+
+
+#: vLLM CPU backend: the KV cache holds at least this many full-length sequences, at most this share of host memory.
+_CPU_KV_MIN_SEQUENCES = 16
+_CPU_KV_MAX_HOST_SHARE = 0.25
+
+
+def vllm_cpu_kv_cache_bytes(cfg: ExperimentConfig, purpose: str, max_model_len: int, dtype_bytes: int,
+                            host_bytes: int) -> int:
+    """KV cache bytes for vLLM on the CPU, sized from the need: enough for every sequence a step
+    generates at once (grpo.completions_per_step; the evaluation: eval.batch_size, at least
+    _CPU_KV_MIN_SEQUENCES) at `max_model_len` tokens each, with 25% headroom, capped at
+    _CPU_KV_MAX_HOST_SHARE of `host_bytes`. (vLLM's CPU default, a share of host memory minus
+    what the worker already holds, refuses to start once the weights outgrow that share, e.g.
+    Qwen2.5-0.5B in float32 with the 0.2 a 24 GiB machine allows.)"""
+    shape = model_shape(cfg.model.name_or_path)
+    per_token = kv_cache_bytes_per_token(shape, dtype_bytes) if shape else 2**20  # unknown model: 1 MiB a token
+    sequences = max(_CPU_KV_MIN_SEQUENCES, cfg.eval.batch_size if purpose == "eval" else cfg.grpo.completions_per_step)
+    need = int(per_token * max_model_len * sequences * 1.25)
+    return max(per_token * max_model_len, min(need, int(host_bytes * _CPU_KV_MAX_HOST_SHARE)))
 
 
 def vllm_rollout_share(cfg: ExperimentConfig, gpu_gb: float) -> float:

@@ -203,6 +203,22 @@ def record_signal_death(run_dir: str | os.PathLike, signal_name: str, retries_us
 
 
 # --------------------------------------------------------------------------- the job
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]):
+    """os.environ with `variables` set while the block runs, as it was after (a second job in
+    the same process, as the benchmarks run them, must not find the first one's server)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None, force: bool = False) -> int:
     """The whole job for one cell: train (unless zero-shot or already done), then evaluate
     (if configured and not done). `adapter`: evaluate this trained adapter instead of training
@@ -216,11 +232,11 @@ def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None, f
     if adapter is not None:
         record.doc["adapter"] = str(adapter)
     record.update()
+    training = cfg.stage == "grpo" and adapter is None and not record.stage_done("train")
     try:
-        training = cfg.stage == "grpo" and adapter is None and not record.stage_done("train")
         with contextlib.ExitStack() as rollout_server:
             if training:  # a vllm_server cell's server, unless the job gave one; before CUDA is initialised
-                os.environ.update(rollout_server.enter_context(serving(cfg, cfg.output.dir)))
+                rollout_server.enter_context(_environment(rollout_server.enter_context(serving(cfg, cfg.output.dir))))
             from .models import describe
 
             record.update(model=describe(cfg))  # its path, revision (what a number was computed with) and precision
@@ -248,5 +264,25 @@ def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None, f
         record.update(status="complete")
         return 0
     except BaseException as err:
+        if training and stop.is_set() and isinstance(err, Exception):
+            # Slurm's SIGTERM (requeue, preemption) reaches every process of the job: a step in
+            # flight can fail with it (the cell's vLLM server stopped). Its last complete
+            # checkpoint resumes the cell: a stop, not a failure.
+            log.warning("the step in flight failed after %s (%s: %s); exiting to resume from the last checkpoint",
+                        stop.signal_name, type(err).__name__, err)
+            record.update(status="preempted")
+            return EXIT_PREEMPTED
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
         raise
+    finally:
+        _shutdown_kept_engine()
+
+
+def _shutdown_kept_engine() -> None:
+    """Shut down the rollout engine training kept for an evaluation that did not take it (a stop,
+    a failure, an evaluation already done): nli_grpo.rollout.park_engine."""
+    import sys
+
+    rollout = sys.modules.get("nli_grpo.rollout")  # never imported here when nothing was trained
+    if rollout is not None:
+        rollout.shutdown_parked_engine()

@@ -1,6 +1,7 @@
 """Base models (bf16 / AWQ / bnb-4bit), the LoRA config, and local stand-ins that need no download:
-a tiny random Qwen2 for CPU smoke runs and tests, and random-weight models with the real Qwen2.5
-shapes for memory and speed checks.
+a tiny random Qwen2 for CPU tests, the same warm-started on the answer format for smoke runs
+(`tiny-sft`, nli_grpo.warmstart), and random-weight models with the real Qwen2.5 shapes for memory
+and speed checks.
 
 Every model goes through one loading path, `load_base_model`: the stand-ins are first written to a
 local folder (`resolve_model_path`) and then loaded like a hub checkpoint, so tests exercise the
@@ -9,6 +10,7 @@ code a GPU job runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .cache import cache_dir, hub_cache_dir
+from . import warmstart
+from .cache import building, cache_dir, hub_cache_dir
 from .catalog import (
     QWEN25_COMMON,
-    QWEN25_SHAPES,
     STAND_IN_FILENAME,
     TINY_SHAPE,
     TINY_VERSION,
     TINY_VOCAB_SIZE,
     model_key,
+    qwen25_config,
     stand_in_shape,
 )
 from .config import ExperimentConfig, LoraConfig, ModelConfig
@@ -92,33 +95,66 @@ def _write_random_model(target: Path, name: str, seed: int = 0) -> None:
     if name == "tiny":
         config, dtype = _qwen2_config(TINY_SHAPE, len(tokenizer), tokenizer), torch.float32
     else:
-        config, dtype = _qwen2_config(QWEN25_SHAPES[name], QWEN25_COMMON["vocab_size"], tokenizer), torch.bfloat16
+        fields = qwen25_config(name)  # the size's public config.json (shape, vocabulary, tied head)
+        config, dtype = _qwen2_config(fields, fields.pop("vocab_size"), tokenizer), torch.bfloat16
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() and name != "tiny" else "cpu"
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with _atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / STAND_IN_FILENAME).write_text(json.dumps({"name": name, "seed": seed, "random_weights": True}))
+
+
+def _write_warm_started_model(target: Path, seed: int = 0) -> None:
+    """Write `tiny-sft`: the tiny random model after its warm start (nli_grpo.warmstart), atomically."""
+    base = resolve_model_path("tiny")
+    with _atomic_folder(target) as tmp:
+        warmstart.warm_start(base, tmp, seed=seed)
+        record = {"name": "tiny-sft", "seed": seed, "random_weights": False, "base": "tiny", "warm_start": warmstart.describe()}
+        (tmp / STAND_IN_FILENAME).write_text(json.dumps(record))
+
+
+@contextlib.contextmanager
+def _atomic_folder(target: Path):
+    """A temp folder next to `target` to write into, renamed to `target` when the block succeeds,
+    so concurrent jobs never see a half-written model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
         os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _stand_in_folder(name: str) -> str:
+    """The cache folder of a stand-in, versioned so that a changed build is rebuilt."""
+    if name == "tiny":
+        return f"tiny-v{TINY_VERSION}"
+    if name == "tiny-sft":
+        return f"tiny-sft-v{TINY_VERSION}.{warmstart.WARM_START_VERSION}"
+    return name
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """A hub id or folder as given; `tiny` and `random:<shape>` are built once into the cache."""
+    """A hub id or folder as given; the stand-ins (`tiny`, `tiny-sft`, `random:<shape>`) are built
+    once into the cache, by one job at a time."""
     name = stand_in_shape(name_or_path)
     if name is None:
         return name_or_path
-    target = cache_dir() / "models" / (f"tiny-v{TINY_VERSION}" if name == "tiny" else name)
+    target = cache_dir() / "models" / _stand_in_folder(name)
     if not (target / "config.json").exists():
-        log.info("building stand-in model %s in %s", name, target)
-        _write_random_model(target, name)
+        with building(target):
+            if not (target / "config.json").exists():  # another job may have built it while this one waited
+                log.info("building stand-in model %s in %s", name, target)
+                if name == "tiny-sft":
+                    _write_warm_started_model(target)
+                else:
+                    _write_random_model(target, name)
     return str(target)
 
 
@@ -221,8 +257,14 @@ def describe(cfg: ExperimentConfig) -> dict:
         "dtype": str(precision["dtype"]).removeprefix("torch."),
         "bf16": precision["bf16"],
         "fp16": precision["fp16"],
-        "random_weights": Path(path, STAND_IN_FILENAME).exists(),
+        "random_weights": _stand_in_record(path).get("random_weights", False),
     }
+
+
+def _stand_in_record(path: str) -> dict:
+    """What a stand-in's folder says it is (name, random weights, warm start); {} for a real model."""
+    record = Path(path, STAND_IN_FILENAME)
+    return json.loads(record.read_text()) if record.is_file() else {}
 
 
 def hub_revision(name_or_path: str, revision: str | None) -> str | None:

@@ -64,26 +64,73 @@ def derived_memory_share(cfg: ExperimentConfig, purpose: str) -> float:
     return vllm_rollout_share(cfg, torch.cuda.get_device_properties(0).total_memory / 2**30)
 
 
+def _engine_dtype(cfg: ExperimentConfig, purpose: str) -> str:
+    """The dtype an engine for `purpose` runs in, as vLLM takes it (`auto`: the checkpoint's)."""
+    cuda = torch.cuda.is_available()
+    dtype = eval_dtype(cfg, cuda) if purpose == "eval" else training_precision(cfg, cuda)["dtype"]
+    return str(dtype).removeprefix("torch.")
+
+
+def _checkpoint_dtype(cfg: ExperimentConfig) -> str | None:
+    """The dtype in a local checkpoint's config.json (what eval.dtype `auto` means); None if unknown."""
+    import json
+
+    config = Path(resolve_model_path(cfg.model.name_or_path), "config.json")
+    if not config.is_file():
+        return None
+    fields = json.loads(config.read_text())
+    return fields.get("dtype") or fields.get("torch_dtype")
+
+
+#: Whether the evaluation after training may run on the colocated rollout engine (one engine start
+#: per cell instead of two). Benchmarks turn it off to measure the difference.
+REUSE_ROLLOUT_ENGINE_FOR_EVAL = True
+
+
+def eval_reuses_rollout_engine(cfg: ExperimentConfig) -> bool:
+    """Whether this cell's evaluation after training runs on its colocated rollout engine: both on
+    vLLM, and the evaluation asks for the dtype the rollouts use (eval.dtype `auto` resolved from a
+    local checkpoint; a hub checkpoint's `auto` is not resolved here, so no reuse)."""
+    if not (REUSE_ROLLOUT_ENGINE_FOR_EVAL and cfg.stage == "grpo" and cfg.rollout.backend == "vllm"
+            and cfg.eval.backend == "vllm" and cfg.eval.after_training):
+        return False
+    wanted = _engine_dtype(cfg, "eval")
+    if wanted == "auto":
+        wanted = _checkpoint_dtype(cfg)
+    return wanted == _engine_dtype(cfg, "rollout")
+
+
 def build_llm(cfg: ExperimentConfig, purpose: str, lora_rank: int | None):
     """A vLLM engine on the run's base model, for `purpose` "rollout" (colocated with training)
-    or "eval" (alone), serving LoRA adapters up to `lora_rank` (None: no LoRA)."""
+    or "eval" (alone), serving LoRA adapters up to `lora_rank` (None: no LoRA). A rollout engine
+    the evaluation will reuse (eval_reuses_rollout_engine) also takes the evaluation's context."""
     from vllm import LLM
 
     path = resolve_model_path(cfg.model.name_or_path)
-    cuda = torch.cuda.is_available()
     if purpose == "eval":
-        max_len, dtype = cfg.eval.max_model_len, eval_dtype(cfg, cuda)
+        max_len = cfg.eval.max_model_len
     else:  # rollouts sample from the policy as trained: the training weights' dtype
         max_len = cfg.rollout.max_model_len or cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length
-        dtype = training_precision(cfg, cuda)["dtype"]
+        if eval_reuses_rollout_engine(cfg):
+            max_len = max(max_len, cfg.eval.max_model_len)
+    dtype = _engine_dtype(cfg, purpose)
     kwargs = dict(
-        model=path, tokenizer=path, revision=cfg.model.revision, seed=cfg.seed,
-        dtype=str(dtype).removeprefix("torch."),
+        model=path, tokenizer=path, revision=cfg.model.revision, seed=cfg.seed, dtype=dtype,
         max_model_len=max_len, gpu_memory_utilization=derived_memory_share(cfg, purpose),
         enforce_eager=cfg.rollout.enforce_eager, trust_remote_code=cfg.model.trust_remote_code,
         enable_lora=lora_rank is not None,
         logprobs_mode=logprobs_mode(cfg),  # what the importance sampling correction compares with the loss's
     )
+    if not torch.cuda.is_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        # On the CPU the KV cache is sized from the need (else vLLM derives it from the 0.2 share
+        # minus the weights it holds, and refuses to start once they outgrow it).
+        import psutil
+
+        from .grid import vllm_cpu_kv_cache_bytes
+
+        dtype_bytes = 2 if dtype in ("bfloat16", "float16") else 4
+        kwargs["kv_cache_memory_bytes"] = vllm_cpu_kv_cache_bytes(cfg, purpose, max_len, dtype_bytes,
+                                                                  psutil.virtual_memory().total)
     if lora_rank is not None:
         kwargs.update(max_lora_rank=vllm_max_lora_rank(max(lora_rank, cfg.rollout.max_lora_rank or 0)), max_loras=1)
     if cfg.model.quantization == "bnb4":
@@ -186,6 +233,48 @@ class RolloutMixin:
             self._metrics["train"][f"rollout/{name}"].append(float(value))
 
 
+#: Colocated rollouts send a group's equal prompts as one request with n samples (else n requests).
+SHARE_GROUP_PROMPTS = True
+
+
+def group_runs(prompt_ids: list) -> list[tuple[int, int]]:
+    """(first row, rows) of each run of consecutive equal prompts: GRPO's groups."""
+    runs: list[list[int]] = []
+    for i, ids in enumerate(prompt_ids):
+        if runs and list(prompt_ids[runs[-1][0]]) == list(ids):
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return [(first, n) for first, n in runs]
+
+
+_parked_engine = None
+
+
+def park_engine(llm) -> None:
+    """Keep the rollout engine after training for the evaluation that follows (take_parked_engine),
+    with no adapter left loaded: the evaluation's LoRA ids start again at 1."""
+    global _parked_engine
+    shutdown_parked_engine()
+    for lora_id in list(llm.llm_engine.list_loras()):
+        llm.llm_engine.remove_lora(lora_id)
+    _parked_engine = llm
+
+
+def take_parked_engine():
+    """The engine kept by park_engine (now the caller's to shut down), or None."""
+    global _parked_engine
+    llm, _parked_engine = _parked_engine, None
+    return llm
+
+
+def shutdown_parked_engine() -> None:
+    """Shut down a kept engine nobody took (a run stopped before its evaluation)."""
+    llm = take_parked_engine()
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()
+
+
 def make_vllm_trainer_class(base):
     """`base` (a GRPOTrainer subclass) with rollouts generated by colocated vLLM."""
     from vllm import SamplingParams
@@ -203,7 +292,10 @@ def make_vllm_trainer_class(base):
             if self.llm is None:
                 return
             self.hot_swap.close()
-            self.llm.llm_engine.engine_core.shutdown()  # its worker processes hold the memory
+            if eval_reuses_rollout_engine(self.rollout_cfg):
+                park_engine(self.llm)  # the evaluation that follows runs on it
+            else:
+                self.llm.llm_engine.engine_core.shutdown()  # its worker processes hold the memory
             self.llm = self.hot_swap.llm = None
             gc.collect()
 
@@ -211,21 +303,25 @@ def make_vllm_trainer_class(base):
             return self.hot_swap.sync(self.accelerator.unwrap_model(self.model), self.state.global_step)
 
         def rollout_generate(self, prompt_ids: list[list[int]], sampling_params) -> list:
-            """vLLM generation with the current policy; one output per prompt id list."""
+            """vLLM generation with the current policy; one output per prompt id list
+            (`sampling_params`: one for all, or one per prompt)."""
             request = self.current_lora_request()
             return self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params,
                                      lora_request=request, use_tqdm=False)
 
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
             g = self.rollout_cfg.grpo
-            # TRL already repeated each prompt num_generations times: one sample per entry.
-            params = SamplingParams(
-                n=1, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, max_tokens=g.max_completion_length,
+            # TRL repeated each prompt num_generations times; a run of equal prompts (a group)
+            # goes as one request with n samples, so vLLM handles the shared prompt once.
+            runs = group_runs(prompt_ids) if SHARE_GROUP_PROMPTS else [(i, 1) for i in range(len(prompt_ids))]
+            params = [SamplingParams(
+                n=n, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, max_tokens=g.max_completion_length,
                 logprobs=0, repetition_penalty=1.0, skip_special_tokens=True,
-            )
-            outputs = self.rollout_generate(prompt_ids, params)
-            completion_ids = [list(o.outputs[0].token_ids) for o in outputs]
-            logprobs = [[lp[tok].logprob for lp, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs]
+            ) for _, n in runs]
+            outputs = self.rollout_generate([prompt_ids[first] for first, _ in runs], params)
+            samples = [c for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]
+            completion_ids = [list(c.token_ids) for c in samples]
+            logprobs = [[lp[tok].logprob for lp, tok in zip(c.logprobs, c.token_ids)] for c in samples]
             self.log_rollout_metrics(sync_bytes=self.hot_swap.bytes_last_sync, sync_seconds=self.hot_swap.seconds_last_sync)
             return completion_ids, logprobs
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ExperimentConfig
-from .grid import server_memory_share
+from .grid import server_memory_share, vllm_cpu_kv_cache_bytes
 
 log = logging.getLogger("nli_grpo.server")
 
@@ -91,6 +91,17 @@ def server_command(cfg: ExperimentConfig, model_path: str, port: int, devices: l
     ]
     if len(devices) > 1:
         command += ["--tensor-parallel-size", str(len(devices))]
+    if not devices:
+        # vLLM's CPU backend dies ("CPU Generator does not use offset") when it splits the prefill
+        # of a seeded request over steps; every request is seeded, so none may be split: a step's
+        # token budget holds every sequence that can be in flight (max_staleness + 1 batches).
+        in_flight = cfg.grpo.completions_per_step * (cfg.rollout.max_staleness + 1)
+        command += ["--max-num-batched-tokens", str(max(2048, max_len * in_flight))]
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # the KV cache sized from the need, as colocated
+            import psutil
+
+            kv_bytes = vllm_cpu_kv_cache_bytes(cfg, "rollout", max_len, 4, psutil.virtual_memory().total)
+            command += ["--kv-cache-memory-bytes", str(kv_bytes)]
     if cfg.model.revision:
         command += ["--revision", cfg.model.revision]
     if cfg.model.quantization == "bnb4":

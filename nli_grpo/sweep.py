@@ -455,7 +455,7 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         _wait_here(jobs, console)
         status.print_status(name, status.sweep_status(sweep_dir, queue=None, accounting=None), console)
     else:
-        console.print(f"watch it: python -m nli_grpo.status {sweep_dir}")
+        console.print(f"watch it: python -m nli_grpo.status {sweep_dir} --watch")
     return 1 if errors else 0
 
 
@@ -607,5 +607,5 @@ def run_pool(sweep: PoolSweep, args: argparse.Namespace) -> int:
         console.print(launch.sbatch_script(logs, params, 1), markup=False, highlight=False, soft_wrap=True)
         console.print("dry run: nothing was submitted.")
     elif not args.dry_run:
-        console.print(f"watch it: python -m nli_grpo.status {folder.path}")
+        console.print(f"watch it: python -m nli_grpo.status {folder.path} --watch")
     return 0

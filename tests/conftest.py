@@ -73,13 +73,13 @@ def load_sweep():
 @pytest.fixture(scope="session")
 def write_result():
     """`write_result(run_dir, status, steps=12, attempts=1, error=None)`: the result.json of a smoke
-    cell as its job writes it (nli_grpo.layout.result_document), training at `steps`."""
+    cell of 12 steps as its job writes it (nli_grpo.layout.result_document), training at `steps`."""
     from nli_grpo import results
     from nli_grpo.job import config_for_run
     from nli_grpo.layout import CellFolder, result_document
 
     def write(run_dir: Path, status: str, steps: int = 12, attempts: int = 1, error: str | None = None) -> dict:
-        cfg = config_for_run("smoke", ["output.sweep=" + Path(run_dir).parent.name], str(run_dir))
+        cfg = config_for_run("smoke", ["output.sweep=" + Path(run_dir).parent.name, "grpo.max_steps=12"], str(run_dir))
         cfg.output.cell_id = Path(run_dir).name
         doc = result_document(cfg, status=status, slurm={"attempts": attempts}, train={"steps_done": steps},
                               error=error, updated_at="2026-11-21T10:00:00+00:00")
@@ -115,9 +115,11 @@ def rewards():
 @pytest.fixture(scope="session")
 def learning_task():
     """The learning-signal task: settings under which GRPO visibly raises `target_token_share`
-    within 40 steps on the tiny model (the first fifth of the steps warms the lr up from 0, so it
-    measures the untrained policy)."""
+    within 40 steps on the random tiny model (the first fifth of the steps warms the lr up from 0,
+    so it measures the untrained policy). Random weights, not the smoke recipe's warm-started
+    model: their samples spread over the vocabulary, so a few updates visibly move them."""
     overrides = [
+        "model.name_or_path=tiny",
         "grpo.max_steps=40", "grpo.num_generations=8", "grpo.completions_per_step=16", "grpo.num_iterations=1",
         "grpo.beta=0.0", "grpo.learning_rate=0.02", "grpo.warmup_steps=8", "grpo.lr_scheduler_type=constant_with_warmup",
         "grpo.max_completion_length=8", "grpo.temperature=1.0", "grpo.top_k=0", "grpo.save_steps=1000",

@@ -86,3 +86,40 @@ def test_the_base_an_adapter_names(tmp_path):
     for base, expected in ((str(stand_in), "random:qwen2.5-7b"), ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct")):
         (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": base}))
         assert adapter_base_model(adapter) == expected
+
+
+# --------------------------------------------------------------------------- the 0.5B shape (nli_grpo.bench's realistic CPU shape)
+def test_qwen25_0_5b_is_the_public_config():
+    from nli_grpo.catalog import qwen25_config
+
+    config = qwen25_config("qwen2.5-0.5b")
+    assert {k: config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rope_theta",
+                                   "rms_norm_eps", "max_position_embeddings")} == dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768)
+    assert qwen25_config("qwen2.5-7b") == {**QWEN25_COMMON, **QWEN25_SHAPES["qwen2.5-7b"]}  # the paper's sizes unchanged
+    assert stand_in_shape("random:qwen2.5-0.5b") == "qwen2.5-0.5b"
+    assert model_shape("random:qwen2.5-0.5b")["vocab_size"] == 151936
+    assert model_shape("Qwen/Qwen2.5-0.5B-Instruct")["tie_word_embeddings"] is True
+    assert model_shape("Qwen/Qwen2.5-7B-Instruct")["tie_word_embeddings"] is False
+    assert qwen_checkpoint("0.5b", "bf16") == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_qwen25_0_5b_has_the_published_parameter_count():
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from nli_grpo.catalog import qwen25_config
+
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(**qwen25_config("qwen2.5-0.5b")))
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(0.494, abs=0.002)
+
+
+def test_kv_cache_bytes_per_token():
+    from nli_grpo.catalog import kv_cache_bytes_per_token
+
+    # K and V x 24 layers x 2 KV heads x head dim 64, 4-byte floats
+    assert kv_cache_bytes_per_token(model_shape("random:qwen2.5-0.5b"), 4) == 2 * 24 * 2 * 64 * 4
+    assert kv_cache_bytes_per_token(model_shape("qwen2.5-7b") or model_shape("Qwen/Qwen2.5-7B-Instruct"), 2) == 2 * 28 * 4 * 128 * 2

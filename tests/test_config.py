@@ -74,7 +74,7 @@ def test_lora_rank_recipe():
 
 def test_smoke_recipe_runs_without_gpu_or_network():
     cfg = load_config("smoke")
-    assert cfg.model.name_or_path == "tiny"
+    assert cfg.model.name_or_path == "tiny-sft"  # built locally: the tiny model, warm-started
     assert (cfg.rollout.backend, cfg.eval.backend) == ("hf", "hf")
     assert cfg.data.hub is False
     assert cfg.resources.gpus_per_node == 0
@@ -147,7 +147,7 @@ def test_recipe_from_path_with_base(tmp_path):
     recipe.write_text("base: smoke\nlora:\n  rank: 4\n")
     cfg = load_config(str(recipe))
     assert cfg.lora.rank == 4
-    assert cfg.model.name_or_path == "tiny"
+    assert cfg.model.name_or_path == "tiny-sft"
 
 
 # --------------------------------------------------------------------------- round trip

@@ -141,7 +141,8 @@ def _snapshot_cell(tmp_path: Path, *overrides: str) -> Path:
     from nli_grpo.job import config_for_run
 
     run_dir = tmp_path / "cell"
-    launch.write_config_snapshot(config_for_run("smoke", list(overrides), str(run_dir)), run_dir)
+    # 8 completions a step (the recipe's 32 are sized to show learning, not to test the launcher)
+    launch.write_config_snapshot(config_for_run("smoke", ["grpo.completions_per_step=8", *overrides], str(run_dir)), run_dir)
     return run_dir
 
 
@@ -188,7 +189,8 @@ def _engine_processes(since: float) -> list:
     found = []
     for process in psutil.process_iter(["name", "cmdline", "create_time"]):
         text = " ".join([process.info["name"] or "", *(process.info["cmdline"] or [])])
-        if "EngineCore" in text and process.info["create_time"] >= since - 1:
+        # colocated: vLLM's engine process; server mode: the API server and its engine
+        if ("EngineCore" in text or "vllm.entrypoints" in text) and process.info["create_time"] >= since - 1:
             found.append(process)
     return found
 
@@ -221,3 +223,34 @@ def test_usr2_reaches_the_training_rank_not_the_vllm_engine(tmp_path):
     while _engine_processes(started) and time.time() < deadline:
         time.sleep(0.5)
     assert _engine_processes(started) == []
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_usr2_in_server_mode_saves_stops_the_server_and_the_rerun_completes(tmp_path):
+    """rollout.backend=vllm_server: the job starts the vLLM server beside the training process.
+    USR2 reaches the training rank only (the server ignores it): the rank saves and exits 75, the
+    job stops the server; the rerun starts a fresh server, resumes and completes the exact step
+    count; no server or engine process is left behind."""
+    started = time.time()
+    run_dir = _snapshot_cell(tmp_path, "rollout.backend=vllm_server", "grpo.max_steps=30", "grpo.num_iterations=1",
+                             "grpo.save_steps=1000", "eval.after_training=false")
+    job = launch.CellJob(launch.train_command(run_dir), str(run_dir), 120, rollout_server=True)
+    thread, outcome = _in_thread(job)
+    _wait_for(lambda: len(results.read_jsonl(CellFolder(run_dir).train_log)) >= 2, thread)
+    assert len(_engine_processes(started)) >= 1  # the server is up while training runs
+    job.checkpoint()
+    thread.join(timeout=120)
+    assert job._child.returncode == 75, outcome
+    assert _engine_processes(started) == []  # the job stopped it when its training ended
+    doc = results.read_result(CellFolder(run_dir).result)
+    stopped_at = doc["train"]["steps_done"]
+    assert doc["status"] == "preempted" and 2 <= stopped_at < 30
+    assert (run_dir / "checkpoints" / f"checkpoint-{stopped_at}" / "CHECKPOINT_COMPLETE").exists()
+
+    restarted = time.time()
+    assert launch.CellJob(launch.train_command(run_dir), str(run_dir), 120, rollout_server=True)()["status"] == "complete"
+    doc = results.read_result(CellFolder(run_dir).result)
+    assert doc["train"]["steps_done"] == 30 and doc["train"]["resumed_from_step"] == stopped_at
+    assert (run_dir / "vllm_server.log").read_text().count("Application startup complete") == 2  # a fresh one
+    assert _engine_processes(restarted) == [] and _engine_processes(started) == []

@@ -43,6 +43,18 @@ def test_the_server_serves_adapters_up_to_the_rank_with_room_for_every_version_i
     bnb = config_for_run("paper", ["rollout.backend=vllm_server", "resources.gpus_per_node=3", "model.quantization=bnb4",
                                    "model.name_or_path=Qwen/Qwen2.5-7B-Instruct"])
     assert "--quantization bitsandbytes" in " ".join(server.server_command(bnb, "/m", 1, ["0"]))
+    assert "--max-num-batched-tokens" not in command
+
+
+def test_on_the_cpu_no_prefill_is_split_over_steps():
+    """vLLM's CPU backend fails on a seeded request whose prefill is split (chunked prefill):
+    the step budget holds every sequence in flight, max_staleness + 1 batches of them."""
+    cfg = config_for_run("smoke", ["rollout.backend=vllm_server", "rollout.max_staleness=1"])
+    command = server.server_command(cfg, "/m", 1, [])
+    max_len = int(command[command.index("--max-model-len") + 1])
+    budget = int(command[command.index("--max-num-batched-tokens") + 1])
+    assert budget >= max_len * cfg.grpo.completions_per_step * 2
+    assert int(command[command.index("--kv-cache-memory-bytes") + 1]) > 0  # sized from the need, not a host share
 
 
 def test_the_server_takes_the_first_gpus_and_training_the_rest():

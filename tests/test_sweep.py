@@ -84,13 +84,13 @@ def test_paper_sweep_has_main_runs_rank_ablation_and_one_zero_shot_per_model_var
 
 def test_smoke_keeps_the_shape_shrunk_onto_the_tiny_model(tmp_path, cells_of):
     cells = cells_of("lora_rank", "--smoke", tmp_path=tmp_path)
-    assert [c.cell_id for c in cells] == ["tiny__bf16__r8__s0", "tiny__bf16__r16__s0"]
+    assert [c.cell_id for c in cells] == ["tiny-sft__bf16__r8__s0", "tiny-sft__bf16__r16__s0"]
     cfg = cells[0].cfg
-    assert (cfg.model.name_or_path, cfg.resources.gpus_per_node, cfg.data.local_dir) == ("tiny", 0, "samples")
-    assert cfg.output.dir == str(tmp_path.absolute() / "lora_rank-smoke" / "tiny__bf16__r8__s0")
+    assert (cfg.model.name_or_path, cfg.resources.gpus_per_node, cfg.data.local_dir) == ("tiny-sft", 0, "samples")
+    assert cfg.output.dir == str(tmp_path.absolute() / "lora_rank-smoke" / "tiny-sft__bf16__r8__s0")
     paper = sorted(c.cell_id for c in cells_of("paper", "--smoke", tmp_path=tmp_path))
-    assert paper == ["tiny__bf16__r16__s0__ablation-lora_rank", "tiny__bf16__r8__s0",  # main runs: the smoke recipe's rank
-                     "tiny__bf16__r8__s0__ablation-lora_rank", "tiny__bf16__zero-shot"]
+    assert paper == ["tiny-sft__bf16__r16__s0__ablation-lora_rank", "tiny-sft__bf16__r8__s0",  # main runs: the smoke recipe's rank
+                     "tiny-sft__bf16__r8__s0__ablation-lora_rank", "tiny-sft__bf16__zero-shot"]
 
 
 def test_rank_zero_is_refused_with_the_field_and_the_fix(tmp_path, cells_of):

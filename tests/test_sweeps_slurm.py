@@ -1,6 +1,7 @@
 """Sweeps on the real local Slurm cluster (slurm/local-cluster.sh): real submitit job arrays, real
 training of the tiny model, real USR2 / `scontrol requeue` / partition preemption, and refusals
 before anything is queued."""
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,12 @@ from nli_grpo.layout import CONFIG_SNAPSHOT_FILENAME, MANIFEST_FILENAME, RESULT_
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK_EVAL = ["eval.limit=2", "eval.benchmarks=[anli_r1,hans_subsequence]"]
+QUICK_STEPS = 12
+# The interruption tests time their signals against the random tiny model, whose generations always
+# run to max_completion_length (the smoke recipe's warm-started model stops after its answer), and
+# the 8 completions per step they were timed with.
+RANDOM_MODEL = ["model.name_or_path=tiny", "grpo.completions_per_step=8"]
+QUICK_EVAL = [f"grpo.max_steps={QUICK_STEPS}", "eval.limit=2", "eval.benchmarks=[anli_r1,hans_subsequence]"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,7 @@ def test_smoke_sweep_runs_as_one_array_to_completion_and_a_rerun_submits_nothing
     sweep_dir = tmp_path / "lora_rank-smoke"
     [submission] = manifest.read_manifest(sweep_dir)["submissions"]
     jobs = submission["jobs"]
-    assert sorted(jobs) == ["tiny__bf16__r16__s0", "tiny__bf16__r8__s0"]
+    assert sorted(jobs) == ["tiny-sft__bf16__r16__s0", "tiny-sft__bf16__r8__s0"]
     arrays = {j.split("_")[0] for j in jobs.values()}
     assert len(arrays) == 1 and all("_" in j for j in jobs.values()), f"expected one array, got {jobs}"
     assert f"submitted 2 of 2 cells (slurm: {arrays.pop()})" in done.stdout
@@ -62,10 +68,10 @@ def test_smoke_sweep_runs_as_one_array_to_completion_and_a_rerun_submits_nothing
         lines = status.sweep_status(sweep_dir, queue=slurm.queued_jobs)
         return all(s.state == "complete" for s in lines) and not queued(set(jobs.values())) and lines
     lines = wait_for("both cells complete", all_complete, 240, logs=sweep_dir / "logs")
-    assert [(s.state, s.steps_done, s.max_steps) for s in lines] == [("complete", 12, 12)] * 2
+    assert [(s.state, s.steps_done, s.max_steps) for s in lines] == [("complete", QUICK_STEPS, QUICK_STEPS)] * 2
     for cell_id, job_id in jobs.items():
         doc = results.read_result(CellFolder(sweep_dir / cell_id).result)  # validates the schema
-        assert doc["status"] == "complete" and doc["train"]["steps_done"] == 12 and set(doc["eval"]) == {"anli_r1", "hans_subsequence"}
+        assert doc["status"] == "complete" and doc["train"]["steps_done"] == QUICK_STEPS and set(doc["eval"]) == {"anli_r1", "hans_subsequence"}
         assert f"{doc['slurm']['array_job_id']}_{doc['slurm']['array_task_id']}" == job_id
         assert doc["slurm"]["attempts"] == 1 and doc["config"]["output"]["dir"] == str(sweep_dir / cell_id)
 
@@ -79,11 +85,11 @@ def test_a_cell_survives_usr2_scontrol_requeue_and_preemption_and_finishes_exact
     max_steps = 60
     # 4 (fake) GPUs: the node's every GPU, so that an urgent job asking for one must preempt this one
     done = sweep_command("--smoke", "--cluster", "slurm", "--partition", "gpu", "--gpus-per-node", "4", "--ranks", "8",
-                         "--results", str(tmp_path), f"grpo.max_steps={max_steps}", "grpo.save_steps=2",
+                         "--results", str(tmp_path), f"grpo.max_steps={max_steps}", "grpo.save_steps=2", *RANDOM_MODEL,
                          "grpo.max_completion_length=128", "eval.after_training=false", env=job_env)
     assert done.returncode == 0, done.stdout + done.stderr
     sweep_dir = tmp_path / "lora_rank-smoke"
-    run_dir = sweep_dir / "tiny__bf16__r8__s0"
+    run_dir = sweep_dir / "tiny__bf16__r8__s0"  # on the random model (RANDOM_MODEL)
     [job_id] = manifest.read_manifest(sweep_dir)["submissions"][0]["jobs"].values()
     logs = sweep_dir / "logs"
 
@@ -131,6 +137,66 @@ def test_a_cell_survives_usr2_scontrol_requeue_and_preemption_and_finishes_exact
     assert log_text.count("forwarding SIGUSR2 to the training process") >= 2
     assert "this job is preempted" in log_text
     assert status.sweep_status(sweep_dir, queue=slurm.queued_jobs)[0].state == "complete"
+
+
+def _vllm_servers(job_id: str) -> list:
+    """The vLLM server and engine processes of a Slurm job on this machine (the local cluster's
+    node): those with the job's id in their environment."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        text = " ".join([process.info["name"] or "", *(process.info["cmdline"] or [])])
+        if "vllm.entrypoints" in text or "EngineCore" in text:
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("SLURM_JOB_ID") == job_id:
+                    found.append(process)
+    return found
+
+
+@pytest.mark.vllm
+def test_a_server_mode_cell_survives_usr2_and_requeue_and_leaves_no_server(tmp_path, job_env):
+    """rollout.backend=vllm_server under Slurm: each start of the job starts a fresh vLLM server in
+    the job, USR2 and `scontrol requeue` stop it with the training, the cell completes exactly
+    max_steps, and no server process is left on the node."""
+    max_steps = 40
+    done = sweep_command("--smoke", "--cluster", "slurm", "--partition", "gpu", "--ranks", "8", "--results", str(tmp_path),
+                         "rollout.backend=vllm_server", f"grpo.max_steps={max_steps}", "grpo.save_steps=2", "grpo.completions_per_step=8", *RANDOM_MODEL,
+                         "grpo.num_iterations=1", "grpo.max_completion_length=64", "eval.after_training=false", env=job_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    sweep_dir = tmp_path / "lora_rank-smoke"
+    [(cell_id, job_id)] = manifest.read_manifest(sweep_dir)["submissions"][0]["jobs"].items()
+    assert cell_id.endswith("__bf16__r8__s0__vllm_server")  # the cell id names the rollout backend
+    run_dir, logs = sweep_dir / cell_id, sweep_dir / "logs"
+
+    def attempts():
+        doc = results.load_existing(CellFolder(run_dir).result)
+        return doc["slurm"]["attempts"] if doc else 0
+
+    def steps_logged():
+        return len({r["step"] for r in results.read_jsonl(CellFolder(run_dir).train_log)})
+
+    for attempt, command in enumerate([["scancel", "--signal=USR2", job_id], ["scontrol", "requeue", job_id]], start=1):
+        wait_for(f"attempt {attempt} running", lambda a=attempt: attempts() == a and queued({job_id}).get(job_id) == "RUNNING", 420, logs)
+        before = steps_logged()
+        wait_for(f"attempt {attempt} trained a few steps", lambda b=before: steps_logged() >= b + 3 and CellFolder(run_dir).last_checkpoint(), 420, logs)
+        assert steps_logged() < max_steps, "the run finished before it could be interrupted; make it longer"
+        assert _vllm_servers(job_id)  # the job's server, while it trains
+        subprocess.run(command, check=True, capture_output=True, timeout=30)
+
+    def finished():
+        doc = results.load_existing(CellFolder(run_dir).result)
+        return doc and doc["status"] == "complete" and not queued({job_id}) and doc
+    doc = wait_for("the cell completes", finished, 600, logs)
+    assert doc["train"]["steps_done"] == max_steps and doc["slurm"]["attempts"] >= 3 and doc["train"]["resumed_from_step"] > 0
+    assert max(r["step"] for r in results.read_jsonl(CellFolder(run_dir).train_log)) == max_steps
+    assert (run_dir / "vllm_server.log").read_text().count("Application startup complete") >= 3  # one per start
+    log_text = "".join(p.read_text() for p in sorted(logs.rglob("*_log.err")))
+    assert "Traceback" not in log_text, log_text[-3000:]  # the requeue's SIGTERM is a stop, not a failure
+    deadline = time.time() + 30
+    while _vllm_servers(job_id) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _vllm_servers(job_id) == []
 
 
 @pytest.mark.parametrize("argv, message", [

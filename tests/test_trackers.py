@@ -27,7 +27,7 @@ from nli_grpo.trackers import WANDB_DIRNAME, report_args, tracker_env, wandb_syn
 
 SECRET = "wandb-key-0123456789abcdef0123456789abcdef01234567"  # a WANDB_API_KEY the user has set
 STEPS = 6
-TRAIN = ["eval.after_training=false", f"grpo.max_steps={STEPS}"]
+TRAIN = ["eval.after_training=false", f"grpo.max_steps={STEPS}", "grpo.completions_per_step=8"]
 
 
 # --------------------------------------------------------------------------- names, run id, folders
@@ -206,7 +206,7 @@ def test_offline_wandb_keeps_one_run_per_cell_across_a_usr2_requeue_and_no_key_o
     for attempt in attempts:
         assert attempt["folder"].endswith(f"-{run_id}")
         found = attempt["run"]
-        assert (found.run_id, found.display_name, found.run_group, found.project) == (run_id, "tiny__bf16__r8__s0", "smoke", "nli_grpo")
+        assert (found.run_id, found.display_name, found.run_group, found.project) == (run_id, "tiny-sft__bf16__r8__s0", "smoke", "nli_grpo")
     assert attempts[0]["steps"] == list(range(1, stopped_at + 1))
     assert attempts[1]["steps"] == list(range(stopped_at + 1, STEPS + 1))
     assert wandb_sync_command(CellFolder(out)) == f"wandb sync {out / WANDB_DIRNAME}"

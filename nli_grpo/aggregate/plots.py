@@ -138,8 +138,11 @@ def plot_train_curves(sweep: SweepResults, path: Path) -> Path | None:
     fig = _new_figure(10, 3.8, right=2.2, wspace=0.35)
     reward_ax, kl_ax = fig.subplots(1, 2)
     for (label, curve), color in zip(curves, _colors(len(curves))):
-        reward_ax.plot(curve.index, curve["reward"], color=color, lw=1, label=label)
-        kl_ax.plot(curve.index, curve["kl"], color=color, lw=1, label=label)
+        # Only steps that generated log a reward / KL (num_iterations > 1 reuses a batch; skipped
+        # zero-advantage steps have no KL): join the logged points, or the lines break into dots.
+        for ax, column in ((reward_ax, "reward"), (kl_ax, "kl")):
+            logged = curve[column].dropna()
+            ax.plot(logged.index, logged, color=color, lw=1, label=label)
     for ax, name in ((reward_ax, "reward"), (kl_ax, "KL")):
         ax.set_xlabel("step")
         ax.set_ylabel(name)
