@@ -233,7 +233,7 @@ def test_usr2_in_server_mode_saves_stops_the_server_and_the_rerun_completes(tmp_
     job stops the server; the rerun starts a fresh server, resumes and completes the exact step
     count; no server or engine process is left behind."""
     started = time.time()
-    run_dir = _snapshot_cell(tmp_path, "rollout.backend=vllm_server", "grpo.max_steps=30", "grpo.num_iterations=1",
+    run_dir = _snapshot_cell(tmp_path, "rollout.backend=vllm_server", "grpo.max_steps=16", "grpo.num_iterations=1",
                              "grpo.save_steps=1000", "eval.after_training=false")
     job = launch.CellJob(launch.train_command(run_dir), str(run_dir), 120, rollout_server=True)
     thread, outcome = _in_thread(job)
@@ -245,12 +245,12 @@ def test_usr2_in_server_mode_saves_stops_the_server_and_the_rerun_completes(tmp_
     assert _engine_processes(started) == []  # the job stopped it when its training ended
     doc = results.read_result(CellFolder(run_dir).result)
     stopped_at = doc["train"]["steps_done"]
-    assert doc["status"] == "preempted" and 2 <= stopped_at < 30
+    assert doc["status"] == "preempted" and 2 <= stopped_at < 16
     assert (run_dir / "checkpoints" / f"checkpoint-{stopped_at}" / "CHECKPOINT_COMPLETE").exists()
 
     restarted = time.time()
     assert launch.CellJob(launch.train_command(run_dir), str(run_dir), 120, rollout_server=True)()["status"] == "complete"
     doc = results.read_result(CellFolder(run_dir).result)
-    assert doc["train"]["steps_done"] == 30 and doc["train"]["resumed_from_step"] == stopped_at
+    assert doc["train"]["steps_done"] == 16 and doc["train"]["resumed_from_step"] == stopped_at
     assert (run_dir / "vllm_server.log").read_text().count("Application startup complete") == 2  # a fresh one
     assert _engine_processes(restarted) == [] and _engine_processes(started) == []

@@ -159,7 +159,7 @@ def test_a_server_mode_cell_survives_usr2_and_requeue_and_leaves_no_server(tmp_p
     """rollout.backend=vllm_server under Slurm: each start of the job starts a fresh vLLM server in
     the job, USR2 and `scontrol requeue` stop it with the training, the cell completes exactly
     max_steps, and no server process is left on the node."""
-    max_steps = 40
+    max_steps = 24
     done = sweep_command("--smoke", "--cluster", "slurm", "--partition", "gpu", "--ranks", "8", "--results", str(tmp_path),
                          "rollout.backend=vllm_server", f"grpo.max_steps={max_steps}", "grpo.save_steps=2", "grpo.completions_per_step=8", *RANDOM_MODEL,
                          "grpo.num_iterations=1", "grpo.max_completion_length=64", "eval.after_training=false", env=job_env)
