@@ -359,12 +359,7 @@ class ServerClient:
         """Completion token ids and the sampler's log-probs, one per prompt. Consecutive equal
         prompts (a GRPO group) go as one request with n samples: vLLM seeds the i-th of them
         with seed + i, so they differ, and requests run concurrently in the server's batches."""
-        runs = []  # (first row, rows)
-        for i, ids in enumerate(prompt_ids):
-            if runs and prompt_ids[runs[-1][0]] == ids:
-                runs[-1][1] += 1
-            else:
-                runs.append([i, 1])
+        runs = group_runs(prompt_ids)
         fields = {**self.sampling, **overrides}
 
         def request(run):

@@ -197,3 +197,24 @@ def write_original_files(folder: Path) -> Path:
 def original_files(tmp_path):
     """A folder with a few rows of every set as its authors distributed them (see write_original_files)."""
     return write_original_files(tmp_path / "originals")
+
+
+@pytest.fixture(scope="session")
+def hf_greedy_tokens():
+    """`f(model, tokenizer, prompt_ids, max_new_tokens)`: HF `generate`'s greedy completion token
+    ids per prompt, cut after the first EOS as vLLM returns them (HF pads after an early EOS;
+    vLLM stops at it and keeps it). What the vLLM equivalence tests compare with."""
+    return _hf_greedy_tokens
+
+
+def _hf_greedy_tokens(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    import torch
+
+    tokens = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            tokens.append(out[0, len(ids):].tolist())
+    return [t[: t.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in t else t for t in tokens]

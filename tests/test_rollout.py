@@ -56,7 +56,7 @@ def test_learning_signal_with_vllm_rollouts(vllm_run):
     assert 0 < trainer.hot_swap.bytes_last_sync < 5_000_000
 
 
-def test_hot_swapped_adapter_generates_exactly_what_hf_generates(vllm_run):
+def test_hot_swapped_adapter_generates_exactly_what_hf_generates(vllm_run, hf_greedy_tokens):
     from vllm import SamplingParams
 
     cfg, trainer, _ = vllm_run
@@ -68,15 +68,7 @@ def test_hot_swapped_adapter_generates_exactly_what_hf_generates(vllm_run):
     vllm_tokens = [list(o.outputs[0].token_ids) for o in outputs]
 
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    hf_tokens = []
-    with torch.no_grad():
-        for ids in prompt_ids:
-            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            hf_tokens.append(out[0, len(ids):].tolist())
-    # Strip HF's padding after an early EOS: vLLM stops at EOS and keeps it.
-    hf_tokens = [t[: t.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in t else t for t in hf_tokens]
+    hf_tokens = hf_greedy_tokens(model, tokenizer, prompt_ids, max_new_tokens=12)
     assert vllm_tokens == hf_tokens
     # The trained adapter changed what the model says: a stale (initial) adapter would differ.
     with torch.no_grad(), model.disable_adapter():

@@ -234,21 +234,14 @@ def test_learning_signal_with_server_rollouts(on_policy_run):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_greedy_tokens_from_the_server_equal_hf_generate_with_the_same_adapter(on_policy_run):
+def test_greedy_tokens_from_the_server_equal_hf_generate_with_the_same_adapter(on_policy_run, hf_greedy_tokens):
     _, trainer, _ = on_policy_run
     tokenizer = trainer.processing_class
     prompt_ids = [tokenizer(render_prompt(tokenizer, p, h), add_special_tokens=False).input_ids for p, h in PAIRS]
     served = trainer.server_generate(prompt_ids, temperature=0.0, max_tokens=12)
 
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    hf_tokens = []
-    with torch.no_grad():
-        for ids in prompt_ids:
-            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            hf_tokens.append(out[0, len(ids):].tolist())
-    hf_tokens = [t[: t.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in t else t for t in hf_tokens]
+    hf_tokens = hf_greedy_tokens(model, tokenizer, prompt_ids, max_new_tokens=12)
     assert served == hf_tokens
     with torch.no_grad(), model.disable_adapter():  # the trained adapter changed what the model says
         base = model.generate(input_ids=torch.tensor([prompt_ids[0]]), do_sample=False, max_new_tokens=12,
