@@ -36,9 +36,14 @@ def learning_problems(sweep_dir: Path) -> list[str]:
         if doc["status"] != "complete":
             problems.append(f"{cell.name}: status {doc['status']}")
             continue
-        for bench, entry in sorted(doc["eval"].items()):
-            if entry["format_rate"] < 0.5:
-                problems.append(f"{cell.name}: {bench} format rate {entry['format_rate']:.2f} < 0.5")
+        # Pooled over the sets (~90 rows), not per set: a set has 4 to 8 rows, so one answer more or
+        # less on another CPU moves its own rate by up to 0.25.
+        entries = doc["eval"].values()
+        pooled = sum(e["format_rate"] * e["n"] for e in entries) / sum(e["n"] for e in entries)
+        if pooled < 0.75:
+            problems.append(f"{cell.name}: format rate over all sets {pooled:.2f} < 0.75")
+        problems += [f"{cell.name}: no answer parses on {bench}" for bench, e in sorted(doc["eval"].items())
+                     if e["format_rate"] == 0]
         first, last = reward_by_fifth(read_train_log(CellFolder(cell).train_log), doc["config"]["grpo"]["max_steps"])
         if not last > first:
             problems.append(f"{cell.name}: mean reward of the last fifth {last:.3f} <= first fifth {first:.3f}")
