@@ -560,6 +560,8 @@ def bench_grpo_phases(workdir: Path) -> dict:
     figures["generation_hf_over_vllm"] = round(hf("generation") / max(vl("generation") + vl("adapter_sync"), 1e-9), 2)
     figures["step_hf_over_vllm"] = round(hf("step") / vl("step"), 2)
     figures["hf_generation_share"] = round(hf("generation") / hf("step"), 3)
+    update = ("ref_old_logprobs", "forward", "backward", "optimizer", "other")
+    figures["update_vllm_over_hf"] = round(sum(map(vl, update)) / sum(map(hf, update)), 2)  # the same computation: 1 ideally
     projection = project_grid_hours({p: hf(p) for p in PHASES}, {p: vl(p) for p in PHASES})
     figures["projection"] = projection
     figures["projection_table"] = projection_table(projection)
@@ -587,16 +589,20 @@ def generation_cycle_seconds(phases: dict, num_iterations: int) -> float:
 def project_grid_hours(hf: dict, vllm: dict, num_iterations: int = PAPER_NUM_ITERATIONS) -> dict:
     """A PROJECTION, not a measurement: the paper grid's GPU-hours with vLLM rollouts from those
     with HF rollouts, by the measured phase ratio. Formula:
-        ratio = cycle(vllm phases) / cycle(hf phases)          (generation_cycle_seconds)
+        ratio = cycle(hf phases, vLLM's generation and sync) / cycle(hf phases)   (generation_cycle_seconds)
         hours_hf(size)   = cells(size) x time limit(size) x GPUs(size)   (grid.SIZE_RESOURCES)
         hours_vllm(size) = ratio x hours_hf(size)
-    Assumptions: each HF cell runs for its whole Slurm time limit (an upper bound: the budget the
+    Assumptions: the update (log-prob passes, forward, backward, optimizer) is the same computation
+    with either backend, so both cycles take the HF run's update phases and only generation and
+    sync differ (a colocated engine beside the trainer on a small machine slows the update it
+    does not do); each HF cell runs for its whole Slurm time limit (an upper bound: the budget the
     sweeps ask for); the phase ratio measured here (CPU, this model, these lengths) holds on the GPU
     for every size. Longer completions (the paper allows 512 tokens) raise generation's share and
-    with it vLLM's saving."""
+    with it the weight of the rollout backend."""
     from .grid import SIZE_RESOURCES
 
-    ratio = generation_cycle_seconds(vllm, num_iterations) / generation_cycle_seconds(hf, num_iterations)
+    vllm_cycle = {**hf, "generation": vllm["generation"], "adapter_sync": vllm["adapter_sync"]}
+    ratio = generation_cycle_seconds(vllm_cycle, num_iterations) / generation_cycle_seconds(hf, num_iterations)
     rows = {}
     for size, cells in PAPER_TRAINING_CELLS.items():
         res = SIZE_RESOURCES[size]
@@ -612,8 +618,8 @@ def projection_table(projection: dict) -> str:
     lines = ["**Projection** (not measured): paper grid GPU-hours, HF vs vLLM rollouts. "
              f"ratio = cycle(vLLM) / cycle(HF) = {projection['cycle_ratio_vllm_over_hf']}, cycle = generation + sync + "
              f"{2 if projection['num_iterations'] > 1 else 1} x log-prob pass + {projection['num_iterations']} x "
-             "(forward + backward + optimizer + rest), phases measured by `grpo_phases`; HF hours = cells x Slurm time "
-             "limit x GPUs (assumed fully used).", "",
+             "(forward + backward + optimizer + rest), phases measured by `grpo_phases`, the update phases the HF run's "
+             "for both (the same computation); HF hours = cells x Slurm time limit x GPUs (assumed fully used).", "",
              "| size | training cells | HF GPU-h | vLLM GPU-h (projected) |", "|---|---|---|---|"]
     for size, row in projection["sizes"].items():
         lines.append(f"| {size} | {row['cells']} | {row['hf_gpu_hours']} | {row['vllm_gpu_hours']} |")
@@ -622,19 +628,20 @@ def projection_table(projection: dict) -> str:
     return "\n".join(lines)
 
 
-def _step_clock(trainer) -> list[float]:
-    """Seconds of each optimizer step of `trainer`, logging included: step start to the next
-    step's start (the last: to the end of training)."""
+def _step_clock(trainer) -> list[tuple[float, float]]:
+    """(wall, CPU) clock readings at the start of each optimizer step of `trainer` and at the end
+    of training: consecutive differences are each step's seconds, logging included. CPU seconds
+    (this process and its threads) are the steadier figure on a machine shared with other jobs."""
     from transformers import TrainerCallback
 
-    marks: list[float] = []
+    marks: list[tuple[float, float]] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            marks.append(time.perf_counter())
+            marks.append((time.perf_counter(), time.process_time()))
 
         def on_train_end(self, args, state, control, **kwargs):
-            marks.append(time.perf_counter())
+            marks.append((time.perf_counter(), time.process_time()))
 
     trainer.add_callback(Clock())
     return marks
@@ -662,8 +669,8 @@ def _bare_trl_trainer(cfg, out: Path):
 @benchmark("overhead")
 def bench_overhead(workdir: Path) -> dict:
     """Our trainer's seconds per step over a bare TRL GRPOTrainer script's, same settings, HF
-    rollouts: `ratio` (goal <= 1.05). Runs alternate (ours, bare, bare, ours ...), 3 steps each
-    (tiny: 10; the first dropped), for max(1, --repeats // 2) pairs."""
+    rollouts: `ratio` of the medians (goal <= 1.05), in wall and in CPU seconds. --repeats pairs
+    of runs alternate (ours, bare, bare, ours ...), 3 steps each (tiny: 10), the first dropped."""
     from .process import StopRequest
     from .training import _release, build_trainer
 
@@ -671,16 +678,12 @@ def bench_overhead(workdir: Path) -> dict:
     _pin_threads(settings.threads)
     steps = 10 if settings.model == "tiny" else 3  # a tiny step is short: more of them against the machine's noise
     runs = iter(range(1000))
-
-    def cfg_for(kind: str):
-        return _run_config(workdir / f"{kind}-{next(runs)}", settings, "rollout.backend=hf", "grpo.num_iterations=1",
-                           f"grpo.max_steps={steps}", "grpo.save_steps=100000", "eval.after_training=false",
-                           "grpo.gradient_accumulation_steps=1")
-
-    per_step: dict[str, list[float]] = {"ours": [], "bare": []}
+    per_step: dict[str, dict[str, list[float]]] = {kind: {"wall": [], "cpu": []} for kind in ("ours", "bare")}
 
     def run(kind: str) -> float:
-        cfg = cfg_for(kind)
+        cfg = _run_config(workdir / f"{kind}-{next(runs)}", settings, "rollout.backend=hf", "grpo.num_iterations=1",
+                          f"grpo.max_steps={steps}", "grpo.save_steps=100000", "eval.after_training=false",
+                          "grpo.gradient_accumulation_steps=1")
         if kind == "ours":
             trainer, _ = build_trainer(cfg, StopRequest(), reward_funcs=[_alternating_rewards])
         else:
@@ -688,28 +691,35 @@ def bench_overhead(workdir: Path) -> dict:
         marks = _step_clock(trainer)
         trainer.train()
         _release(trainer)  # one model in memory at a time
-        seconds = [b - a for a, b in zip(marks, marks[1:])][1:]
-        per_step[kind] += seconds
-        return sum(seconds) / len(seconds)
+        for clock, index in (("wall", 0), ("cpu", 1)):
+            per_step[kind][clock] += [b[index] - a[index] for a, b in zip(marks, marks[1:])][1:]
+        return (marks[-1][0] - marks[1][0]) / (len(marks) - 2)
 
-    means = interleaved({"ours": lambda: run("ours"), "bare": lambda: run("bare")}, max(1, settings.repeats // 2))
-    ours, bare = summary(per_step["ours"]), summary(per_step["bare"])
-    return {"model": settings.model, "steps_per_run": steps, "threads": settings.threads,
-            "ours_step_s": ours, "bare_trl_step_s": bare,
-            "ratio": round(ours["median"] / bare["median"], 3),
-            "ratio_per_pair": summary(paired_ratio(means["ours"], means["bare"])),
-            "goal_ratio_max": 1.05, "load_avg_1min": round(os.getloadavg()[0], 2)}
+    means = interleaved({"ours": lambda: run("ours"), "bare": lambda: run("bare")}, settings.repeats)
+    figures: dict = {"model": settings.model, "steps_per_run": steps, "pairs": settings.repeats, "threads": settings.threads}
+    for clock in ("wall", "cpu"):
+        ours, bare = summary(per_step["ours"][clock]), summary(per_step["bare"][clock])
+        figures.update({f"ours_step_{clock}_s": ours, f"bare_trl_step_{clock}_s": bare,
+                        f"ratio_{clock}": round(ours["median"] / bare["median"], 3)})
+    figures["ratio"] = figures["ratio_wall"]
+    figures["ratio_wall_per_pair"] = summary(paired_ratio(means["ours"], means["bare"]))
+    figures["goal_ratio_max"] = 1.05
+    figures["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return figures
 
 
 @benchmark("evaluation")
 def bench_evaluation(workdir: Path) -> dict:
     """Examples/s of our 13-set evaluation (nli_grpo.evaluation.evaluate: data loading, prompts,
     generation, scoring, prediction files) vs raw vLLM generate of the same prompts with the same
-    greedy settings, on one engine, side by side (NLI_GRPO_BENCH_EVAL_LIMIT examples per set)."""
+    greedy settings, on one engine, side by side (NLI_GRPO_BENCH_EVAL_LIMIT examples per set):
+    raw as one call over all sets, and raw as one call per set the way `evaluate` calls it, which
+    separates the cost of per-set batches from the cost of our own per-set work."""
     from vllm import SamplingParams
 
     from .data import BENCHMARK_NAMES, load_benchmark
     from .evaluation import VLLMGenerator, _token_budget, evaluate
+    from .prompts import render_prompt
 
     settings = BenchSettings.from_env()
     _pin_threads(settings.threads)
@@ -717,16 +727,16 @@ def bench_evaluation(workdir: Path) -> dict:
     cfg = _run_config(workdir, settings, "stage=zero_shot", "eval.backend=vllm", f"eval.limit={limit}",
                       f"eval.max_new_tokens={settings.new_tokens}")
     start_s, _, generator = _timed(VLLMGenerator, cfg, None)
-    from .prompts import render_prompt
-
-    ids = []
+    e = cfg.eval
+    requests_per_set = []
     for name in BENCHMARK_NAMES:
         ds = load_benchmark(name, local_dir=cfg.data.local_dir, hub=False, limit=limit).dataset
-        ids += [generator.tokenizer(render_prompt(generator.tokenizer, p, h), add_special_tokens=False).input_ids
-                for p, h in zip(ds["premise"], ds["hypothesis"])]
-    e = cfg.eval
-    params = [SamplingParams(temperature=0.0, max_tokens=_token_budget(len(x), e.max_new_tokens, e.max_model_len),
-                             skip_special_tokens=True) for x in ids]
+        ids = [generator.tokenizer(render_prompt(generator.tokenizer, p, h), add_special_tokens=False).input_ids
+               for p, h in zip(ds["premise"], ds["hypothesis"])]
+        requests_per_set.append(([{"prompt_token_ids": x} for x in ids],
+                                 [SamplingParams(temperature=0.0, max_tokens=_token_budget(len(x), e.max_new_tokens, e.max_model_len),
+                                                 skip_special_tokens=True) for x in ids]))
+    examples = sum(len(prompts) for prompts, _ in requests_per_set)
 
     def ours() -> float:
         started = time.perf_counter()
@@ -734,18 +744,23 @@ def bench_evaluation(workdir: Path) -> dict:
             block = evaluate(cfg, adapter=None, generator=generator)
         return sum(entry["n"] for entry in block.values()) / (time.perf_counter() - started)
 
-    def raw() -> float:
+    def raw(calls: list[tuple[list, list]]) -> float:
         started = time.perf_counter()
-        generator.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-        return len(ids) / (time.perf_counter() - started)
+        for prompts, params in calls:
+            generator.llm.generate(prompts, params, use_tqdm=False)
+        return examples / (time.perf_counter() - started)
 
-    raw()  # warm-up
-    eps = interleaved({"ours": ours, "raw_vllm": raw}, settings.repeats)
+    one_call = [([r for prompts, _ in requests_per_set for r in prompts], [p for _, params in requests_per_set for p in params])]
+    raw(one_call)  # warm-up
+    eps = interleaved({"ours": ours, "raw_vllm": lambda: raw(one_call), "raw_vllm_per_set": lambda: raw(requests_per_set)},
+                      settings.repeats)
     generator.close()
-    return {"model": settings.model, "sets": len(BENCHMARK_NAMES), "examples": len(ids), "max_new_tokens": e.max_new_tokens,
+    return {"model": settings.model, "sets": len(BENCHMARK_NAMES), "examples": examples, "max_new_tokens": e.max_new_tokens,
             "threads": settings.threads, "eval_engine_start_s": round(start_s, 1),
             "ours_examples_per_s": summary(eps["ours"]), "raw_vllm_examples_per_s": summary(eps["raw_vllm"]),
+            "raw_vllm_per_set_examples_per_s": summary(eps["raw_vllm_per_set"]),
             "ours_over_raw": summary(paired_ratio(eps["ours"], eps["raw_vllm"])),
+            "ours_over_raw_per_set": summary(paired_ratio(eps["ours"], eps["raw_vllm_per_set"])),
             "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
@@ -881,6 +896,7 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = {}
     for name in args.names or list(BENCHMARKS):
+        started = time.perf_counter()
         if args.keep:
             workdir = Path(args.keep) / name
             workdir.mkdir(parents=True, exist_ok=True)
@@ -888,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with tempfile.TemporaryDirectory(prefix=f"nli_grpo_bench_{name}_") as tmp:
                 figures[name] = BENCHMARKS[name](Path(tmp))
+        figures[name]["benchmark_wall_s"] = round(time.perf_counter() - started, 1)
         width = max(map(len, figures[name]))
         print(f"{name}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in figures[name].items()
                                         if k != "projection_table"), flush=True)

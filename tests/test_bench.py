@@ -49,6 +49,13 @@ def test_projection_scales_the_hf_hours_by_the_cycle_ratio():
     assert table.startswith("**Projection** (not measured)") and "| total | 39 |" in table
 
 
+def test_projection_charges_both_backends_the_same_update():
+    # The update is the same computation with either backend: an update phase measured slower on
+    # the vLLM side (its engine beside the trainer on a small machine) must not enter the ratio.
+    slow_update = {**PHASES_VLLM, "ref_old_logprobs": 3.0, "forward": 2.0, "backward": 4.0}
+    assert bench.project_grid_hours(PHASES_HF, slow_update) == bench.project_grid_hours(PHASES_HF, PHASES_VLLM)
+
+
 SETTINGS_VARIABLES = [f"NLI_GRPO_BENCH_{name}" for name in ("MODEL", "REPEATS", "THREADS", "PROMPTS", "NEW_TOKENS", "RANK")]
 
 
@@ -153,6 +160,8 @@ def test_the_overhead_benchmark_runs_and_writes_json_and_markdown(tmp_path, monk
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     assert bench.main(["overhead", "--repeats", "1", "--new-tokens", "8", "--json", str(out), "--markdown", str(md)]) == 0
     figures = json.loads(out.read_text())["overhead"]
-    assert figures["ratio"] > 0 and figures["ours_step_s"]["n"] == figures["bare_trl_step_s"]["n"] == 9  # 10 steps, the first dropped
+    assert figures["ratio"] > 0 and figures["ratio_cpu"] > 0
+    for clock in ("wall", "cpu"):  # 10 steps, the first dropped
+        assert figures[f"ours_step_{clock}_s"]["n"] == figures[f"bare_trl_step_{clock}_s"]["n"] == 9
     assert "### overhead" in md.read_text()
     torch.set_num_threads(threads)
