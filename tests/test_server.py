@@ -209,10 +209,12 @@ def _rising(rows) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def on_policy_run(vllm_server, tmp_path_factory, learning_task):
-    """The learning-signal task with server rollouts, on-policy, 4 optimizer steps per batch."""
+    """The learning-signal task with server rollouts, on-policy, 4 optimizer steps per batch:
+    80 steps are 20 generation batches, so the last fifth lies past the reward's take-off also on
+    a CPU where it comes late (the colocated twin in test_rollout failed CI with 12)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         cfg, trainer, rows = _train(vllm_server, tmp_path_factory.mktemp("on_policy"),
-                                    [*learning_task.overrides, "grpo.num_iterations=4", "grpo.max_steps=48"],
+                                    [*learning_task.overrides, "grpo.num_iterations=4", "grpo.max_steps=80"],
                                     learning_task.reward, monkeypatch)
         yield cfg, trainer, rows
         trainer.close_rollout()
