@@ -11,6 +11,7 @@ A benchmark is a function `(workdir: Path) -> dict` of measured figures, registe
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import json
@@ -429,7 +430,7 @@ def bench_grpo_step(workdir: Path) -> dict:
     from .job import config_for_run, run
     from .results import read_result
 
-    model = os.environ.get("NLI_GRPO_BENCH_MODEL", "tiny")
+    model = BenchSettings.from_env().model
     quantizations = ["bf16", "bnb4"]
     figures: dict = {"model": model, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     for quantization in quantizations:
@@ -464,6 +465,23 @@ def _alternating_rewards(completions, **_):
     return [float(i % 2) for i in range(len(completions))]
 
 
+def _time_calls(owner, attr: str, record: Callable[[float], None], when: Callable[[], bool] = lambda: True):
+    """Replace `owner.attr` by a wrapper that hands each call's wall seconds to `record` (calls
+    made while `when()` is false pass untimed). Returns the original, to put back."""
+    inner = getattr(owner, attr)
+
+    def timed(*args, **kwargs):
+        if not when():
+            return inner(*args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            record(time.perf_counter() - started)
+    setattr(owner, attr, timed)
+    return inner
+
+
 def attach_phase_timer(trainer) -> list[dict]:
     """Time each optimizer step of `trainer` by phase; returns the list it appends one
     {phase: seconds, "step": total} per step to. Generation is TRL's `_generate_single_turn`
@@ -475,27 +493,19 @@ def attach_phase_timer(trainer) -> list[dict]:
     from transformers import TrainerCallback
 
     steps: list[dict] = []
-    current: dict[str, float] = {}
+    current: dict[str, float] = collections.defaultdict(float)
 
-    def wrap(owner, attr: str, phase: str, when=lambda: True):
-        inner = getattr(owner, attr)
+    def add_to(phase: str) -> Callable[[float], None]:
+        def add(seconds: float) -> None:
+            current[phase] += seconds
+        return add
 
-        def timed(*args, **kwargs):
-            if not when():
-                return inner(*args, **kwargs)
-            started = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                current[phase] = current.get(phase, 0.0) + time.perf_counter() - started
-        setattr(owner, attr, timed)
-
-    wrap(trainer, "_generate_single_turn", "generation")
-    wrap(trainer, "_get_per_token_logps_and_entropies", "ref_old_logprobs", when=lambda: not torch.is_grad_enabled())
-    wrap(trainer, "compute_loss", "forward")
-    wrap(trainer.accelerator, "backward", "backward")
+    _time_calls(trainer, "_generate_single_turn", add_to("generation"))
+    _time_calls(trainer, "_get_per_token_logps_and_entropies", add_to("ref_old_logprobs"), when=lambda: not torch.is_grad_enabled())
+    _time_calls(trainer, "compute_loss", add_to("forward"))
+    _time_calls(trainer.accelerator, "backward", add_to("backward"))
     if getattr(trainer, "hot_swap", None) is not None:
-        wrap(trainer.hot_swap, "sync", "adapter_sync")
+        _time_calls(trainer.hot_swap, "sync", add_to("adapter_sync"))
 
     class Clock(TrainerCallback):
         began = optimizer_began = 0.0
@@ -508,7 +518,7 @@ def attach_phase_timer(trainer) -> list[dict]:
             self.optimizer_began = time.perf_counter()
 
         def on_optimizer_step(self, args, state, control, **kwargs):
-            current["optimizer"] = current.get("optimizer", 0.0) + time.perf_counter() - self.optimizer_began
+            current["optimizer"] += time.perf_counter() - self.optimizer_began
 
         def on_step_end(self, args, state, control, **kwargs):
             total = time.perf_counter() - self.began
@@ -775,22 +785,11 @@ def bench_fixed_costs(workdir: Path) -> dict:
     settings = BenchSettings.from_env()
     _pin_threads(settings.threads)
     counts: dict[str, list[float]] = {}
-
-    def counted(owner, attr: str):
-        inner = getattr(owner, attr)
-
-        def call(*args, **kwargs):
-            seconds, _, value = _timed(lambda: inner(*args, **kwargs))
-            counts.setdefault(attr, []).append(seconds)
-            return value
-        return inner, call
-
     figures: dict = {"model": settings.model, "threads": settings.threads}
     originals = {}
     try:
         for owner, attr in ((rollout, "build_llm"), (models, "load_base_model")):
-            originals[(owner, attr)], wrapped = counted(owner, attr)
-            setattr(owner, attr, wrapped)
+            originals[(owner, attr)] = _time_calls(owner, attr, lambda seconds, attr=attr: counts.setdefault(attr, []).append(seconds))
         for reuse in (True, False):
             rollout.REUSE_ROLLOUT_ENGINE_FOR_EVAL = reuse
             counts.clear()
