@@ -58,7 +58,9 @@ class CellJob:
     A child killed by a signal (the OOM killer, a node fault) is recorded in result.json and
     started again, `retries` times at most: it resumes from its last complete checkpoint. A child
     that exits with an error code (a config error, a refused run folder, an exception) is not:
-    the same inputs would fail the same way."""
+    the same inputs would fail the same way. A child stopped by a signal after saving (exit
+    EXIT_PREEMPTED: SIGTERM from a requeue or preemption, which submitit's own process ignores)
+    ends the job with that exit code and no exception: the cell resumes on its next start."""
 
     def __init__(self, command: list[str], run_dir: str, stop_timeout_s: float, threads: int = 1, gpus: int = 1,
                  retries: int = DEFAULT_RETRIES, online: bool = False, rollout_server: bool = False):
@@ -100,8 +102,11 @@ class CellJob:
             break
         doc = results.load_existing(CellFolder(self.run_dir).result) or {}
         if code == EXIT_PREEMPTED or self._stopping:
-            raise RuntimeError(f"{self.run_dir}: stopped by a signal after saving (exit {code}); "
-                               "it resumes when requeued, or when the sweep is run again")
+            # Not a failure: the step is saved. Exit with the child's code rather than raise, for
+            # submitit logs any exception with a traceback (SystemExit passes through it unlogged).
+            log.warning("%s: stopped by a signal after saving (exit %s); it resumes when requeued, or when the "
+                        "sweep is run again", self.run_dir, code)
+            sys.exit(EXIT_PREEMPTED)
         if code != 0:
             raise RuntimeError(f"{self.run_dir}: `{shlex.join(self.command)}` exited with {code}: {doc.get('error')}")
         return {"run_dir": self.run_dir, "status": doc.get("status"), "attempts": doc.get("slurm", {}).get("attempts")}

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import submitit
 
 from nli_grpo import launch, results
 from nli_grpo.config import ResourcesConfig
@@ -79,6 +80,24 @@ def test_cell_job_reports_the_childs_failure_with_the_recorded_error(tmp_path, w
         launch.CellJob([sys.executable, "-c", "raise SystemExit(3)"], str(tmp_path), 10)()
     write_result(tmp_path, "complete", attempts=2)
     assert launch.CellJob([sys.executable, "-c", "pass"], str(tmp_path), 10)() == {"run_dir": str(tmp_path), "status": "complete", "attempts": 2}
+
+
+def test_a_training_stopped_by_a_signal_ends_the_job_without_a_traceback(tmp_path, write_result):
+    """An external SIGTERM (`scontrol requeue`, a preemption without USR2, scancel) reaches the
+    training, which saves and exits EXIT_PREEMPTED: the cell is resumable, not failed. The job exits
+    with that code and one log line; an exception would make submitit log a traceback (and CI
+    failed on that once: the child saved within Slurm's KillWait and the job raised)."""
+    write_result(tmp_path, "preempted", steps=4)
+    executor = submitit.AutoExecutor(folder=tmp_path / "logs", cluster="local")
+    executor.update_parameters(timeout_min=5)
+    job = executor.submit(launch.CellJob([sys.executable, "-c", "raise SystemExit(75)"], str(tmp_path), 10))
+    deadline = time.monotonic() + 60
+    while not job.done() and time.monotonic() < deadline:  # job.result() polls with sleeps of up to 15 s
+        time.sleep(0.2)
+    assert job.done()
+    log_text = Path(job.paths.stderr).read_text()
+    assert "stopped by a signal after saving (exit 75); it resumes when requeued" in log_text, log_text
+    assert "Traceback" not in log_text and "completed successfully" not in log_text, log_text
 
 
 def test_a_multi_gpu_cell_trains_under_torchrun_one_process_per_gpu(tmp_path):
