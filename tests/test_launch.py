@@ -179,7 +179,7 @@ def _in_thread(job):
     def target():
         try:
             outcome["result"] = job()
-        except Exception as err:  # noqa: BLE001 - the test reads it
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - the test reads it (a stop exits 75)
             outcome["error"] = err
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
@@ -229,7 +229,7 @@ def test_usr2_reaches_the_training_rank_not_the_vllm_engine(tmp_path):
     _wait_for(lambda: len(results.read_jsonl(CellFolder(run_dir).train_log)) >= 2, thread)
     job.checkpoint()
     thread.join(timeout=120)
-    assert job._child.returncode == 75, outcome
+    assert job._child.returncode == 75 and outcome["error"].code == 75, outcome  # a stop, not a failure: SystemExit(75)
     doc = results.read_result(CellFolder(run_dir).result)
     stopped_at = doc["train"]["steps_done"]
     assert doc["status"] == "preempted" and 2 <= stopped_at < 30
@@ -260,7 +260,7 @@ def test_usr2_in_server_mode_saves_stops_the_server_and_the_rerun_completes(tmp_
     assert len(_engine_processes(started)) >= 1  # the server is up while training runs
     job.checkpoint()
     thread.join(timeout=120)
-    assert job._child.returncode == 75, outcome
+    assert job._child.returncode == 75 and outcome["error"].code == 75, outcome  # a stop, not a failure: SystemExit(75)
     assert _engine_processes(started) == []  # the job stopped it when its training ended
     doc = results.read_result(CellFolder(run_dir).result)
     stopped_at = doc["train"]["steps_done"]
