@@ -102,7 +102,7 @@ class CellJob:
             break
         doc = results.load_existing(CellFolder(self.run_dir).result) or {}
         if code == EXIT_PREEMPTED or self._stopping:
-            # Not a failure: the step is saved. Exit with the child's code rather than raise, for
+            # Not a failure: the step is saved. Exit with EXIT_PREEMPTED rather than raise, for
             # submitit logs any exception with a traceback (SystemExit passes through it unlogged).
             log.warning("%s: stopped by a signal after saving (exit %s); it resumes when requeued, or when the "
                         "sweep is run again", self.run_dir, code)
