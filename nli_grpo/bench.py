@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import gzip
 import io
 import json
 import math
@@ -23,8 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from .config import ExperimentConfig
@@ -88,12 +91,32 @@ def synthetic_result(sweep: str, model: str, quantization: str, lora_rank: int |
 VERSIONS = package_versions()
 
 
+def synthetic_predictions(benchmark: str, accuracy: float, unparseable: float, items: int,
+                          rng: random.Random) -> tuple[bytes, dict]:
+    """A gzip predictions file (scoring.write_predictions' records) of `items` items of a set, with
+    round(unparseable * items) unparseable answers and `accuracy` of the others right, at random
+    items; the same ids in every cell, so that the aggregation pairs them. Also the eval entry's
+    numbers the file gives (accuracy, accuracy_strict, unparseable_rate, n)."""
+    n_unparsed = round(unparseable * items)
+    n_right = round(accuracy * (items - n_unparsed))
+    order = rng.sample(range(items), items)
+    unparsed, right = set(order[:n_unparsed]), set(order[n_unparsed:n_unparsed + n_right])
+    lines = [f'{{"id": "{benchmark}-{i}", "label": 0, "prediction": {-1 if i in unparsed else 0}, '
+             f'"correct": {"true" if i in right else "false"}, "completion": "<think>Compare the premise with '
+             f'the hypothesis.</think><answer>entailment</answer>"}}\n' for i in range(items)]
+    parsed = items - n_unparsed
+    scores = {"accuracy": round(n_right / parsed, 6) if parsed else None, "accuracy_strict": round(n_right / items, 6),
+              "unparseable_rate": round(n_unparsed / items, 6), "n": items}
+    return gzip.compress("".join(lines).encode(), compresslevel=1, mtime=0), scores
+
+
 def write_synthetic_results(root: str | os.PathLike, n_results: int, *, cells_per_sweep: int = 1000,
-                            log_steps: int = 20, seed: int = 0) -> int:
+                            log_steps: int = 20, seed: int = 0, items_per_set: int = 0) -> int:
     """Write `n_results` synthetic cells under `root` as sweeps `synthetic_00`, `synthetic_01`, ...
     (model x quantization: a zero-shot cell, and LoRA ranks with seeds added until a sweep is full), each GRPO cell
-    with a `log_steps`-line train log. Returns the number of sweeps. Plain writes (not atomic):
-    throwaway data, and 10,000 fsyncs would dominate the set-up time."""
+    with a `log_steps`-line train log, and with `items_per_set` > 0 every complete cell with per-item
+    predictions of that many items per set (the eval entries' numbers set to match). Returns the number of sweeps.
+    Plain writes (not atomic): throwaway data, and 10,000 fsyncs would dominate the set-up time."""
     rng = random.Random(seed)
     base = {name: rng.uniform(0.45, 0.75) for name in BENCHMARK_NAMES}
     # One zero-shot cell per model variant (greedy evaluation: its id has no seed), then the GRPO
@@ -109,6 +132,12 @@ def write_synthetic_results(root: str | os.PathLike, n_results: int, *, cells_pe
         doc = synthetic_result(sweep, model, quantization, rank, cell_seed, rng, base)
         folder = CellFolder(Path(root) / sweep / doc["cell_id"])
         folder.path.mkdir(parents=True, exist_ok=True)
+        if items_per_set and doc["eval"]:
+            folder.predictions_dir.mkdir(exist_ok=True)
+            for name, entry in doc["eval"].items():
+                raw, scores = synthetic_predictions(name, entry["accuracy"], entry["unparseable_rate"], items_per_set, rng)
+                folder.predictions(name).write_bytes(raw)
+                entry.update(scores)
         folder.result.write_text(json.dumps(doc, indent=2))
         if rank is not None:
             lines = (json.dumps({"step": s, "reward": round(0.3 + 0.4 * s / log_steps + rng.gauss(0, 0.03), 4),
@@ -133,11 +162,63 @@ def _timed(fn: Callable, *args) -> tuple[float, float, object]:
     return time.perf_counter() - wall, cpu() - start_cpu, value
 
 
+def _bench_intervals(workdir: Path, n_results: int, items_per_set: int, references) -> dict:
+    """The same result files with per-item predictions: the tables without intervals (as before
+    issue 22) beside the tables with every interval and paired delta, the predictions read cold
+    (empty cache) and warm (the cache `aggregate` keeps under <out>/tables/)."""
+    from .aggregate.collect import collect
+    from .aggregate.items import ItemCache
+    from .aggregate.render import render_report
+    from .aggregate.tables import build_sweep_results, tables_for
+
+    root = workdir / "results_with_predictions"
+    setup_s, _, _ = _timed(partial(write_synthetic_results, items_per_set=items_per_set), root, n_results)
+    collection = collect([root])
+    cache_path = workdir / "item_cache.npz"
+
+    def tables(items):
+        sweeps = build_sweep_results(collection.runs, "accuracy", None, items)
+        if items is not None:
+            items.save()
+        return render_report([(s, tables_for(s, references)) for s in sweeps], len(collection.runs), [], "accuracy")
+
+    plain_s, plain_cpu, _ = _timed(tables, None)
+    cold_s, cold_cpu, _ = _timed(lambda: tables(ItemCache(cache_path)))
+    warm_s, warm_cpu, report = _timed(lambda: tables(ItemCache(cache_path)))
+    files = sum(1 for _ in root.rglob("*.jsonl.gz"))
+    return {"predictions_files": files, "items_per_set": items_per_set, "predictions_setup_s": round(setup_s, 2),
+            "tables_no_intervals_s": round(plain_s, 3), "tables_no_intervals_cpu_s": round(plain_cpu, 3),
+            "tables_intervals_cold_s": round(cold_s, 3), "tables_intervals_cold_cpu_s": round(cold_cpu, 3),
+            "tables_intervals_warm_s": round(warm_s, 3), "tables_intervals_warm_cpu_s": round(warm_cpu, 3),
+            "cache_mb": round(cache_path.stat().st_size / 2**20, 1), "intervals_shown": report.count(" [")}
+
+
+def unavailable(*needs: str) -> str | None:
+    """Why a benchmark side cannot run here (`"unavailable: ..."`, what a benchmark reports in its
+    place), or None when it can: each need is `cuda` or a package that must import (vllm,
+    bitsandbytes). The other sides still run, so a GPU node without vLLM keeps its HF figures."""
+    import importlib
+
+    for need in needs:
+        if need == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return "unavailable: needs a CUDA GPU"
+            continue
+        try:
+            importlib.import_module(need)
+        except ImportError as error:
+            return f"unavailable: {need} does not import ({error})"
+    return None
+
+
 @benchmark("aggregate")
-def bench_aggregate(workdir: Path, n_results: int = 10_000) -> dict:
+def bench_aggregate(workdir: Path, n_results: int = 10_000, items_per_set: int = 200) -> dict:
     """`python -m nli_grpo.aggregate` on 10,000 synthetic result files: read + validate, tables,
     the whole in-process run without and with plots, and the CLI end to end (interpreter start-up
-    and imports included) without plots."""
+    and imports included) without plots; then the tables of the same files with per-item
+    predictions (`items_per_set` items per set), without and with the bootstrap intervals."""
     from .aggregate.__main__ import main as aggregate_main
     from .aggregate.collect import collect
     from .aggregate.render import render_report
@@ -168,7 +249,9 @@ def bench_aggregate(workdir: Path, n_results: int = 10_000) -> dict:
     if rc_no_plots or rc_plots or proc.returncode:
         raise RuntimeError(f"aggregation failed (in-process rc {rc_no_plots}/{rc_plots}, CLI rc {proc.returncode}): "
                            f"{proc.stderr[-2000:]}")
+    intervals = _bench_intervals(workdir, n_results, items_per_set, references)
     return {
+        **intervals,
         "result_files": len(collection.runs) + len(collection.skipped), "sweeps": n_sweeps,
         "setup_s": round(setup_s, 2),
         "read_validate_s": round(read_s, 3), "read_validate_cpu_s": round(read_cpu, 3),
@@ -420,35 +503,54 @@ def bench_sync_bytes(workdir: Path) -> dict:
     return figures
 
 
+#: grpo_step's variants: name -> (overrides, what it needs besides the job). On a CPU every dtype
+#: setting trains in float32 (models.training_precision), so the fp16 recipe is a GPU variant.
+GRPO_STEP_VARIANTS = {
+    "bf16": (["model.quantization=bf16", "model.dtype=bfloat16", "grpo.mixed_precision=bf16"], ()),
+    "fp16_bf16_autocast": (["model.quantization=bf16", "model.dtype=float16", "grpo.mixed_precision=bf16"], ("cuda",)),
+    "bnb4": (["model.quantization=bnb4"], ("bitsandbytes",)),
+}
+
+
 @benchmark("grpo_step")
 def bench_grpo_step(workdir: Path) -> dict:
     """Peak memory and time of GRPO steps (LoRA r64, 8 completions of 64 tokens, the paper's
-    settings otherwise) per base quantization, through the real job. NLI_GRPO_BENCH_MODEL picks the
-    model (default the tiny CPU one; `random:qwen2.5-7b` on a GPU node is the issue's check)."""
+    settings otherwise) per precision variant (GRPO_STEP_VARIANTS: bf16 weights; the paper's
+    float16 weights under bf16 autocast; bnb-4bit), through the real job. NLI_GRPO_BENCH_MODEL
+    picks the model (default the tiny CPU one; `random:qwen2.5-7b` on a GPU node is the issue's
+    check), NLI_GRPO_BENCH_STEP_VARIANTS (comma-separated) the variants; a variant this machine
+    cannot run (no CUDA, no bitsandbytes) is reported unavailable and the others still run."""
     import torch
 
     from .job import config_for_run, run
     from .results import read_result
 
     model = BenchSettings.from_env().model
-    quantizations = ["bf16", "bnb4"]
+    names = [v for v in os.environ.get("NLI_GRPO_BENCH_STEP_VARIANTS", ",".join(GRPO_STEP_VARIANTS)).split(",") if v]
+    unknown = [v for v in names if v not in GRPO_STEP_VARIANTS]
+    if unknown:
+        raise ValueError(f"NLI_GRPO_BENCH_STEP_VARIANTS: unknown {unknown}; choose from {', '.join(GRPO_STEP_VARIANTS)}")
     figures: dict = {"model": model, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-    for quantization in quantizations:
-        out = workdir / quantization
+    for name in names:
+        overrides, needs = GRPO_STEP_VARIANTS[name]
+        if reason := unavailable(*needs):
+            figures[name] = reason
+            continue
+        out = workdir / name
         cfg = config_for_run("paper", [
-            f"model.name_or_path={model}", f"model.quantization={quantization}", "lora.rank=64", "grpo.max_steps=3",
+            f"model.name_or_path={model}", *overrides, "lora.rank=64", "grpo.max_steps=3",
             "grpo.num_iterations=1", "grpo.max_completion_length=64", "grpo.save_steps=1000", "rollout.backend=hf",
             "data.train_source=anli_train_r1", "data.local_dir=samples", "data.hub=false", "eval.after_training=false",
             *([] if torch.cuda.is_available() else ["grpo.optim=adamw_torch", "resources.gpus_per_node=0"]),
         ], str(out))
         # Alternating rewards: every group has non-zero advantages, so every step runs backward.
         if run(cfg, reward_funcs=[lambda completions, **_: [float(i % 2) for i in range(len(completions))]]) != 0:
-            raise RuntimeError(f"the {quantization} run failed; see {out}")
+            raise RuntimeError(f"the {name} run failed; see {out}")
         train = read_result(CellFolder(out).result)["train"]
         step_times = [r["step_time"] for r in read_train_log(CellFolder(out).train_log) if "step_time" in r]
-        figures[f"{quantization}_peak_memory_gb"] = train["peak_memory_gb"]
-        figures[f"{quantization}_memory_kind"] = train["peak_memory_kind"]
-        figures[f"{quantization}_step_s_after_first"] = round(sum(step_times[1:]) / max(1, len(step_times[1:])), 3)
+        figures[f"{name}_peak_memory_gb"] = train["peak_memory_gb"]
+        figures[f"{name}_memory_kind"] = train["peak_memory_kind"]
+        figures[f"{name}_step_s_after_first"] = round(sum(step_times[1:]) / max(1, len(step_times[1:])), 3)
     return figures
 
 
@@ -543,7 +645,8 @@ def bench_grpo_phases(workdir: Path) -> dict:
     trainer (nli_grpo.training.build_trainer): 1 + --repeats steps each, the first dropped.
     One policy update per generation (grpo.num_iterations=1, so no old log-probs: the reference
     model's are the only no-grad pass; the paper's num_iterations=4 adds one more of the same size,
-    which the projection counts)."""
+    which the projection counts). Without vLLM the HF side still runs and the vLLM side (with the
+    comparison and the projection) is reported unavailable."""
     import gc
 
     from .process import StopRequest
@@ -554,6 +657,9 @@ def bench_grpo_phases(workdir: Path) -> dict:
     figures: dict = {"model": settings.model, "lora_rank": settings.rank, "completions_per_step": 4 * settings.prompts,
                      "new_tokens": settings.new_tokens, "threads": settings.threads}
     for backend in ("hf", "vllm"):
+        if reason := unavailable("vllm") if backend == "vllm" else None:
+            figures[backend] = reason
+            continue
         cfg = _run_config(workdir / backend, settings, f"rollout.backend={backend}", "grpo.num_iterations=1",
                           f"grpo.max_steps={settings.repeats + 1}", "grpo.save_steps=100000", "eval.after_training=false",
                           "grpo.gradient_accumulation_steps=1")
@@ -566,6 +672,9 @@ def bench_grpo_phases(workdir: Path) -> dict:
         _release(trainer)  # the next backend's model (and engine) must fit beside nothing of this one
         del trainer
         gc.collect()
+    if "vllm" in figures:  # the comparison and the projection need both sides
+        figures["load_avg_1min"] = round(os.getloadavg()[0], 2)
+        return figures
     hf, vl = (lambda k: figures[f"hf_{k}_s"]["median"]), (lambda k: figures[f"vllm_{k}_s"]["median"])
     figures["generation_hf_over_vllm"] = round(hf("generation") / max(vl("generation") + vl("adapter_sync"), 1e-9), 2)
     figures["step_hf_over_vllm"] = round(hf("step") / vl("step"), 2)
@@ -814,6 +923,111 @@ def bench_fixed_costs(workdir: Path) -> dict:
     return figures
 
 
+@benchmark("resume_cost")
+def bench_resume_cost(workdir: Path) -> dict:
+    """What exact resume costs (training.NLIGRPOTrainer._save_checkpoint): a GRPO run of 2 steps,
+    num_iterations 2, saving after each (step 1: inside the generation cycle, the generated batch
+    is saved; step 2: at its boundary, nothing to save), through the real job. Times each save
+    (what a USR2/SIGTERM stop adds before the job can exit) and the generation state's share of
+    it, and the bytes it adds to a checkpoint. For the alternative (a stop waits for the cycle's
+    end), the time of a step that does not generate: a stop waits up to
+    num_iterations x steps_per_generation - 1 of them."""
+    import torch
+
+    from . import training
+    from .job import run
+
+    settings = BenchSettings.from_env()
+    _pin_threads(settings.threads)
+    saves: list[float] = []
+    make = training.make_trainer_class
+
+    def timed_class():
+        cls = make()
+
+        class Timed(cls):
+            def _save_checkpoint(self, model, trial):
+                started = time.perf_counter()
+                super()._save_checkpoint(model, trial)
+                saves.append(time.perf_counter() - started)
+        return Timed
+
+    training.make_trainer_class = timed_class
+    try:
+        cfg = _run_config(workdir, settings, "grpo.max_steps=2", "grpo.num_iterations=2", "grpo.save_steps=1",
+                          "grpo.save_total_limit=10", "rollout.backend=hf", "eval.after_training=false")
+        if run(cfg, reward_funcs=[_alternating_rewards]) != 0:
+            raise RuntimeError(f"the run failed; see {cfg.output.dir}")
+    finally:
+        training.make_trainer_class = make
+    checkpoints = CellFolder(cfg.output.dir).checkpoints
+    state_file = checkpoints / "checkpoint-1" / f"{training.GENERATION_STATE}.pt"
+    state = torch.load(state_file, weights_only=False)
+    state_s = _timed(torch.save, state, workdir / "state-copy.pt")[0]
+
+    def size(folder: Path) -> int:
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+    step_times = [r.get("step_time") for r in read_train_log(CellFolder(cfg.output.dir).train_log)]
+    return {"model": settings.model, "lora_rank": cfg.lora.rank, "completions_per_step": cfg.grpo.completions_per_step,
+            "new_tokens": settings.new_tokens, "threads": settings.threads,
+            "save_mid_cycle_s": round(saves[0], 3), "save_at_boundary_s": round(saves[1], 3),
+            "generation_state_save_s": round(state_s, 4),
+            "generation_state_bytes_mid_cycle": state_file.stat().st_size,
+            "generation_state_bytes_at_boundary": (checkpoints / "checkpoint-2" / state_file.name).stat().st_size,
+            "checkpoint_bytes_mid_cycle": size(checkpoints / "checkpoint-1"),
+            "generating_step_s": step_times[0], "reusing_step_s": step_times[1],
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+@benchmark("is_logprob_gap")
+def bench_is_logprob_gap(workdir: Path) -> dict:
+    """What TRL's importance-sampling ratio compares when it is on (rollout.max_staleness > 0 or
+    rollout.importance_sampling): the sampler's log-probs of the sampled tokens (vLLM,
+    `logprobs_mode` from server.logprobs_mode) and the trainer's old log-probs of the same tokens
+    at the loss temperature. On-policy, at the same adapter version (after 2 GRPO steps with
+    colocated vLLM rollouts), both should be the same numbers: the mean and max |delta log p| per
+    completion token is what the ratio sees that is not staleness. At loss temperature 1 (the
+    paper: raw log-probs) and at TRL's default (loss temperature = sampling temperature: vLLM's
+    processed log-probs, after top-k/top-p)."""
+    import torch
+
+    from .process import StopRequest
+    from .server import logprobs_mode
+    from .training import build_trainer
+
+    settings = BenchSettings.from_env()
+    _pin_threads(settings.threads)
+    figures: dict = {"model": settings.model, "new_tokens": settings.new_tokens, "threads": settings.threads}
+    for label, loss_temperature in (("raw", "1.0"), ("processed", "null")):
+        cfg = _run_config(workdir / label, settings, "rollout.backend=vllm", "grpo.max_steps=2", "grpo.num_iterations=1",
+                          "grpo.save_steps=1000", "grpo.top_k=50", f"grpo.loss_temperature={loss_temperature}",
+                          "eval.after_training=false")
+        trainer, _ = build_trainer(cfg, StopRequest(), reward_funcs=[_alternating_rewards])
+        trainer.train()
+        tokenizer = trainer.processing_class
+        rows = trainer.train_dataset.select(range(settings.prompts))
+        prompt_ids = [ids for ids in tokenizer.apply_chat_template(list(rows["prompt"]), add_generation_prompt=True,
+                                                                   tokenize=True, return_dict=True)["input_ids"]
+                      for _ in range(cfg.grpo.num_generations)]
+        completions, sampler_logps = trainer._generate_single_turn(prompt_ids, None, None, cfg.grpo.num_generations)
+        deltas = []
+        with torch.no_grad():
+            for prompt, completion, sampled in zip(prompt_ids, completions, sampler_logps):
+                ids = torch.tensor([list(prompt) + list(completion)], device=trainer.accelerator.device)
+                logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), len(completion))
+                deltas += (logps[0].float().cpu() - torch.tensor(sampled)).abs().tolist()
+        trainer.close_rollout()
+        figures[f"{label}_logprobs_mode"] = logprobs_mode(cfg)
+        figures[f"{label}_loss_temperature"] = cfg.grpo.loss_temperature or cfg.grpo.temperature
+        figures[f"{label}_tokens"] = len(deltas)
+        figures[f"{label}_mean_abs_delta_logp"] = round(sum(deltas) / len(deltas), 6)
+        figures[f"{label}_max_abs_delta_logp"] = round(max(deltas), 6)
+        del trainer
+    figures["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return figures
+
+
 #: Why TRL's AsyncGRPOTrainer (trl/experimental/async_grpo) is not in the comparison on a machine
 #: without CUDA: found by running it here against the vLLM CPU server with adapter sync.
 TRL_ASYNC_NEEDS_CUDA = ("TRL 1.16's AsyncGRPOTrainer needs CUDA: its __init__ calls "
@@ -893,27 +1107,35 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from: {', '.join(BENCHMARKS)}")
 
-    figures = {}
+    figures, failed = {}, []
     for name in args.names or list(BENCHMARKS):
         started = time.perf_counter()
-        if args.keep:
-            workdir = Path(args.keep) / name
-            workdir.mkdir(parents=True, exist_ok=True)
-            figures[name] = BENCHMARKS[name](workdir)
-        else:
-            with tempfile.TemporaryDirectory(prefix=f"nli_grpo_bench_{name}_") as tmp:
-                figures[name] = BENCHMARKS[name](Path(tmp))
+        try:
+            if args.keep:
+                workdir = Path(args.keep) / name
+                workdir.mkdir(parents=True, exist_ok=True)
+                figures[name] = BENCHMARKS[name](workdir)
+            else:
+                with tempfile.TemporaryDirectory(prefix=f"nli_grpo_bench_{name}_") as tmp:
+                    figures[name] = BENCHMARKS[name](Path(tmp))
+        except Exception as error:  # one benchmark failing must not cost the others their figures
+            traceback.print_exc()
+            figures[name], failed = {"error": f"{type(error).__name__}: {error}"}, [*failed, name]
         figures[name]["benchmark_wall_s"] = round(time.perf_counter() - started, 1)
         width = max(map(len, figures[name]))
         print(f"{name}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in figures[name].items()
                                         if k != "projection_table"), flush=True)
-        if args.json:  # after each benchmark: a later one failing loses nothing
-            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        if args.json:  # after each benchmark, whole or not at all: a run killed later keeps what it measured
+            partial_json = Path(args.json).with_name(Path(args.json).name + ".partial")
+            partial_json.write_text(json.dumps(figures, indent=2) + "\n")
+            os.replace(partial_json, args.json)
     table = markdown_table(figures)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table)
-    return 0
+    if failed:
+        print(f"failed: {', '.join(failed)} (their errors are in the figures)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ node; the sweep checks it before submitting; jobs read it offline.
     $NLI_GRPO_CACHE (default ~/.cache/nli_grpo)
       data/<stem>.jsonl         every evaluation set and ANLI training round, in its hub schema
       hub/                      Hugging Face hub cache of the models ($HF_HUB_CACHE when set)
-      models/                   stand-in models built locally (tiny, tiny-sft, random:<shape>)
+      models/                   stand-in models built locally (tiny, tiny-sft, random:<shape>), and
+                                models staged from GGUF files (models/gguf/<name>-<sha256 prefix>)
       prepared.lock.json        per set: source, revision or file, rows, rows without gold, sha256;
-                                per model: requested and resolved revision, snapshot folder
+                                per model: requested and resolved revision, snapshot folder; per
+                                staged GGUF model: source, sha256, quantisation, folder
 
 Light: the login side reads it without torch.
 """
@@ -15,10 +17,11 @@ Light: the login side reads it without torch.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from pathlib import Path
+
+from . import files
 
 LOCK_FILENAME = "prepared.lock.json"
 
@@ -56,17 +59,10 @@ def read_lock() -> dict:
 
 
 @contextlib.contextmanager
-def _flock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-@contextlib.contextmanager
 def locked():
-    """Exclusive use of the lock file while a prepare updates it (two prepares may run at once)."""
-    with _flock(cache_dir() / f".{LOCK_FILENAME}.flock"):
+    """Exclusive use of the lock file while a prepare updates it (two prepares may run at once,
+    of several users of a shared cache: files.locked)."""
+    with files.locked(cache_dir() / f".{LOCK_FILENAME}.flock"):
         yield
 
 
@@ -74,7 +70,7 @@ def locked():
 def building(target: Path):
     """Exclusive right to build `target` in the cache (a stand-in model): jobs that start together
     wait for the one building it, then find it built, instead of all building it."""
-    with _flock(target.parent / f".{target.name}.flock"):
+    with files.locked(target.parent / f".{target.name}.flock"):
         yield
 
 
@@ -90,5 +86,14 @@ def prepared_model(name: str, revision: str | None = None) -> dict | None:
     (None: whatever was prepared for the default branch)."""
     entry = read_lock()["models"].get(name)
     if not entry or entry.get("requested") != (revision or "main") or not Path(entry.get("path", "")).is_dir():
+        return None
+    return entry
+
+
+def staged_gguf(name: str) -> dict | None:
+    """The lock's record of a model staged from a GGUF file under `name` (`prepare --gguf`: its
+    source, sha256, quantisation and HF folder), when that folder is present; else None."""
+    entry = read_lock()["models"].get(name)
+    if not entry or "gguf_sha256" not in entry or not Path(entry.get("path", "")).is_dir():
         return None
     return entry

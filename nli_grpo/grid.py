@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cache
-from .catalog import kv_cache_bytes_per_token, model_key, model_shape, qwen_checkpoint, stand_in_shape
+from .catalog import GGUF_MODELS, kv_cache_bytes_per_token, model_key, model_shape, qwen_checkpoint, stand_in_shape
 from .config import ExperimentConfig, training_processes
 
 
@@ -68,6 +68,9 @@ SERVER_VARIANTS = {
     ("14b", "bf16"): {"rollout.backend": "vllm_server", "resources.gpus_per_node": 2},
     ("32b", "bf16"): {"rollout.backend": "vllm_server", "resources.gpus_per_node": 3, "grpo.deepspeed": "zero3"},
 }
+#: bnb-4bit: rollouts and evaluation through HF generate; the GPU install's vLLM (0.31) has no
+#: bitsandbytes quantization (config validation refuses bnb4 with vLLM).
+HF_ONLY = {"rollout.backend": "hf", "eval.backend": "hf"}
 
 
 def qwen(size: str, quantization: str) -> dict:
@@ -79,6 +82,7 @@ def qwen(size: str, quantization: str) -> dict:
         "model.quantization": quantization,
         **{f"resources.{k}": v for k, v in SIZE_RESOURCES[size].items()},
         **SERVER_VARIANTS.get((size, quantization), {}),
+        **(HF_ONLY if quantization == "bnb4" else {}),
     }
 
 
@@ -174,6 +178,14 @@ def capability_problems(cfg: ExperimentConfig) -> list[str]:
                           ("eval.backend", cfg.eval.backend if cfg.eval.after_training else None)):
         if backend == "vllm" and not _installed("vllm"):
             problems.append(f"{what}=vllm needs vLLM installed (pip install 'nli_grpo[gpu]'), or set {what}=hf")
+    tensor_parallel = server_gpus(cfg)
+    shape = model_shape(cfg.model.name_or_path)
+    if tensor_parallel > 1 and shape is not None:
+        heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+        if heads % tensor_parallel or (kv_heads % tensor_parallel and tensor_parallel % kv_heads):
+            fitting = [n for n in range(1, heads + 1) if heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)][:6]
+            problems.append(f"rollout.server_gpus={tensor_parallel} is vLLM's tensor-parallel size, which must divide the model's "
+                            f"{heads} attention heads and fit its {kv_heads} KV heads: use one of {', '.join(map(str, fitting))}")
     if cfg.stage == "zero_shot" and not cfg.eval.after_training:
         problems.append("stage=zero_shot only evaluates; it needs eval.after_training=true")
     return problems
@@ -189,7 +201,10 @@ def input_problems(cfg: ExperimentConfig, online: bool = False) -> list[str]:
 
     problems = []
     name = cfg.model.name_or_path
-    if not online and stand_in_shape(name) is None and not Path(name).is_dir() and not cache.prepared_model(name, cfg.model.revision):
+    local = stand_in_shape(name) is not None or Path(name).is_dir() or cache.staged_gguf(name) is not None
+    if name in GGUF_MODELS and not local:  # no hub holds it: only `prepare --gguf` does, online or not
+        problems.append(f"model {name} is not staged in the cache {cache.cache_dir()} (python -m nli_grpo.prepare --gguf {name})")
+    elif not online and not local and not cache.prepared_model(name, cfg.model.revision):
         at = f" at revision {cfg.model.revision}" if cfg.model.revision else ""
         problems.append(f"model {name}{at} is not in the cache {cache.hub_cache_dir()} (jobs run offline)")
     specs = [BENCHMARKS[b] for b in cfg.eval.benchmarks] if cfg.eval.after_training else []
@@ -208,6 +223,10 @@ _BYTES_PER_LINEAR_WEIGHT = {"bf16": 2.0, "awq": 0.52, "bnb4": 0.53}  # 4-bit + g
 _LORA_BYTES_PER_PARAM = {"8bit": 4 + 4 + 2, "other": 4 + 4 + 8}     # fp32 weight + grad + Adam moments
 _OVERHEAD_GB = 2.0   # CUDA context, allocator fragmentation
 _VLLM_KV_GB = 6.0    # the KV cache nli_grpo.rollout adds to the weights for its derived share
+_VLLM_GRAPHS_GB = 0.5  # vLLM's CUDA graphs (capture sizes up to max_num_seqs) and workspace
+#: TRL 1.16's fused LM head computes log-probs in tiles of 4,096 tokens x 32,768 vocabulary entries
+#: (trl/kernels/chunked_logprob.py) and never holds a batch's logits; a tile in float32, with its gradient.
+_LM_HEAD_TILE_GB = 4096 * 32768 * 4 * 2 / 2.0**30
 
 
 def base_weights_gb(cfg: ExperimentConfig) -> float | None:
@@ -244,6 +263,52 @@ def vllm_cpu_kv_cache_bytes(cfg: ExperimentConfig, purpose: str, max_model_len: 
     return max(per_token * max_model_len, min(need, int(host_bytes * _CPU_KV_MAX_HOST_SHARE)))
 
 
+def rollout_max_model_len(cfg: ExperimentConfig) -> int:
+    """The context of a rollout engine: rollout.max_model_len, else a prompt plus a completion."""
+    return cfg.rollout.max_model_len or cfg.grpo.max_prompt_length + cfg.grpo.max_completion_length
+
+
+def vllm_rollout_limits(cfg: ExperimentConfig, reused_for_eval: bool = False) -> dict:
+    """Scheduler limits of the colocated rollout engine on a GPU, sized to a generation batch
+    instead of vLLM's defaults (on an H100: 1,024 sequences, 16,384 tokens per step), whose
+    activation, sampler and CUDA-graph memory would come out of the rollout share and leave
+    little of it for the KV cache: `max_num_seqs` = the batch's completions (eval.batch_size at
+    least when the evaluation reuses the engine); `max_num_batched_tokens` = the batch's prompts
+    prefilled in one step, at least one full-length sequence."""
+    g = cfg.grpo
+    seqs = max(g.completions_per_step, cfg.eval.batch_size) if reused_for_eval else g.completions_per_step
+    prompts = g.completions_per_step // g.num_generations
+    return {"max_num_seqs": seqs, "max_num_batched_tokens": max(rollout_max_model_len(cfg), prompts * g.max_prompt_length)}
+
+
+def vllm_runtime_gb(cfg: ExperimentConfig, limits: dict) -> float:
+    """What a vLLM engine holds besides weights and KV cache, under `limits`: the profiling
+    forward's activations over max_num_batched_tokens (one layer's q/k/v, attention output and
+    MLP gate/up at 16-bit), the sampler's float32 logits of max_num_seqs rows, and
+    _VLLM_GRAPHS_GB of CUDA graphs and workspace. A formula from the shapes, not a measurement."""
+    shape = model_shape(cfg.model.name_or_path)
+    if shape is None:
+        return _VLLM_GRAPHS_GB
+    h, inter = shape["hidden_size"], shape["intermediate_size"]
+    activations = limits["max_num_batched_tokens"] * (4 * h + 3 * inter) * 2
+    sampler = limits["max_num_seqs"] * shape["vocab_size"] * 4 * 2  # logits and probabilities
+    return (activations + sampler) / 2.0**30 + _VLLM_GRAPHS_GB
+
+
+def vllm_rollout_kv_gb(cfg: ExperimentConfig, gpu_gb: float) -> float:
+    """KV cache left to the colocated rollout engine: its share minus weights and runtime."""
+    limits = vllm_rollout_limits(cfg)
+    return vllm_rollout_share(cfg, gpu_gb) * gpu_gb - (base_weights_gb(cfg) or 16.0) - vllm_runtime_gb(cfg, limits)
+
+
+def vllm_kv_need_gb(cfg: ExperimentConfig) -> float | None:
+    """KV cache one generation batch needs: every completion at full length at once (16-bit)."""
+    shape = model_shape(cfg.model.name_or_path)
+    if shape is None:
+        return None
+    return cfg.grpo.completions_per_step * rollout_max_model_len(cfg) * kv_cache_bytes_per_token(shape, 2) / 2.0**30
+
+
 def vllm_rollout_share(cfg: ExperimentConfig, gpu_gb: float) -> float:
     """Share of a GPU of `gpu_gb` that colocated vLLM rollouts take: rollout.gpu_memory_utilization
     when set, else the base weights plus a KV cache of _VLLM_KV_GB, between 0.15 and 0.6. The
@@ -251,7 +316,8 @@ def vllm_rollout_share(cfg: ExperimentConfig, gpu_gb: float) -> float:
     if cfg.rollout.gpu_memory_utilization:
         return cfg.rollout.gpu_memory_utilization
     weights = base_weights_gb(cfg) or 16.0  # unknown model: assume a 7B in bf16
-    return round(min(0.6, max(0.15, (weights + _VLLM_KV_GB) / gpu_gb)), 3)
+    runtime = vllm_runtime_gb(cfg, vllm_rollout_limits(cfg))
+    return round(min(0.6, max(0.15, (weights + runtime + _VLLM_KV_GB) / gpu_gb)), 3)
 
 
 def estimate_gpu_memory(cfg: ExperimentConfig) -> dict | None:
@@ -266,7 +332,6 @@ def estimate_gpu_memory(cfg: ExperimentConfig) -> dict | None:
     gpus = training_processes(cfg)  # the GPUs that train (the server's are estimated apart)
     h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     kv_dim = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
-    vocab = shape["vocab_size"]
     linears = {"q_proj": (h, h), "k_proj": (h, kv_dim), "v_proj": (h, kv_dim), "o_proj": (h, h),
                "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     gb = 2.0**30
@@ -280,17 +345,25 @@ def estimate_gpu_memory(cfg: ExperimentConfig) -> dict | None:
         parts["lora_optimizer"] = lora_params * _LORA_BYTES_PER_PARAM["8bit" if "8bit" in g.optim else "other"] / gb
         seqs = g.completions_per_step // (g.gradient_accumulation_steps * gpus)
         tokens = seqs * (g.max_prompt_length + g.max_completion_length)
+        # The residual stream is float32 when float16 weights run under bf16 autocast (torch
+        # promotes float16 + bfloat16 to float32), or in a float32 model; else 16-bit.
+        mixed = {cfg.model.dtype, {"bf16": "bfloat16", "fp16": "float16"}.get(g.mixed_precision)}
+        residual = 4 if cfg.model.dtype == "float32" or mixed == {"float16", "bfloat16"} else 2
         # ~34*h bytes per token and layer for a transformer layer's activations in 16-bit
-        # (Korthikanti et al. 2022); with checkpointing only each layer's input is kept, plus one layer.
-        per_token = (layers * 2 * h + 34 * h) if cfg.model.gradient_checkpointing else layers * 34 * h
+        # (Korthikanti et al. 2022), its two residual-stream tensors (layer input, post-attention
+        # sum) at `residual` bytes; with checkpointing only each layer's input is kept, plus one layer.
+        layer = 34 * h + 2 * (residual - 2) * h
+        per_token = layers * residual * h + layer if cfg.model.gradient_checkpointing else layers * layer
         parts["activations"] = tokens * per_token / gb
-        parts["logits"] = seqs * g.max_completion_length * vocab * 4 / gb
+        parts["lm_head_tile"] = _LM_HEAD_TILE_GB * min(1.0, tokens / 4096)
         if cfg.rollout.backend == "hf":
             parts["generation_kv"] = tokens * layers * 2 * kv_dim * 2 / gb
         elif cfg.rollout.backend == "vllm":
             parts["vllm_share"] = vllm_rollout_share(cfg, cfg.resources.gpu_memory_gb) * cfg.resources.gpu_memory_gb
     parts["overhead"] = _OVERHEAD_GB
     parts["total"] = sum(parts.values())
+    if "vllm_share" in parts:  # what of the share is left for the KV cache (within it, not added)
+        parts["vllm_kv_cache"] = vllm_rollout_kv_gb(cfg, cfg.resources.gpu_memory_gb)
     return {k: round(v, 1) for k, v in parts.items()}
 
 
@@ -329,7 +402,7 @@ def memory_problems(cfg: ExperimentConfig) -> list[str]:
                         f"{server_memory_share(cfg):g} x {available} GB; set rollout.server_gpus={server_gpus(cfg) + 1} "
                         "(and one more resources.gpus_per_node), or use a quantized base")
     if estimate["total"] > available:
-        detail = " + ".join(f"{k.replace('_', ' ')} {v}" for k, v in estimate.items() if k != "total")
+        detail = " + ".join(f"{k.replace('_', ' ')} {v}" for k, v in estimate.items() if k not in ("total", "vllm_kv_cache"))
         where = "training GPU" if served is not None else "GPU"
         rollouts = {"vllm": "rollout.backend=vllm_server (generation on a GPU of its own) or hf",
                     "vllm_server": "more training GPUs with grpo.deepspeed=zero3"}.get(cfg.rollout.backend, "")
@@ -337,6 +410,11 @@ def memory_problems(cfg: ExperimentConfig) -> list[str]:
             f"does not fit: ~{estimate['total']} GB per {where} ({detail}) > {available} GB (resources.gpu_memory_gb). "
             f"Use a quantized base (model.quantization=awq|bnb4), {rollouts + ', ' if rollouts else ''}fewer "
             "grpo.completions_per_step or more grpo.gradient_accumulation_steps, or nodes with more GPU memory (--gpu-memory-gb)")
+    need = vllm_kv_need_gb(cfg)
+    if estimate["total"] <= available and "vllm_kv_cache" in estimate and need is not None and estimate["vllm_kv_cache"] < need:
+        problems.append(f"the colocated vLLM share leaves ~{estimate['vllm_kv_cache']} GB of KV cache, less than the {need:.1f} GB "
+                        f"a generation batch needs ({cfg.grpo.completions_per_step} completions x {rollout_max_model_len(cfg)} tokens): "
+                        "raise rollout.gpu_memory_utilization, or use rollout.backend=vllm_server")
     if cfg.eval.after_training and cfg.eval.backend == "vllm":
         share = cfg.eval.gpu_memory_utilization * available
         weights = round(base_weights_gb(cfg), 1)  # the evaluation engine holds all of them, ZeRO-3 or not

@@ -13,6 +13,8 @@ rules a restart follows live here too:
 - SIGUSR2 (Slurm's warning before a time limit or preemption) and SIGTERM make the job save a
   checkpoint after the current step and exit with EXIT_PREEMPTED, status `preempted`;
 - a training process killed by a signal is recorded by its parent (`record_signal_death`);
+- a write that fails for lack of space (disk full, quota; a checkpoint save too) ends the run as
+  `failed`, naming what could not be written (`write_failure`): never a preemption, never retried;
 - a `vllm_server` cell trains with a vLLM server of its own, started before training and stopped
   after it whatever happens (nli_grpo.server), unless the process that started this job gave it
   one (launch.CellJob does, for its torchrun ranks).
@@ -24,14 +26,18 @@ config, the conflict rule and the exit codes without torch.
 from __future__ import annotations
 
 import contextlib
+import errno
+import gc
 import logging
 import os
+import shutil
+import traceback
 from pathlib import Path
 
 from . import results
 from .config import ExperimentConfig, load_config
 from .grid import cell_from_config, cell_id
-from .layout import CellFolder, result_document
+from .layout import COMPLETE_MARKER, CellFolder, result_document
 from .process import StopRequest, is_main_process
 from .server import serving
 
@@ -41,6 +47,10 @@ log = logging.getLogger("nli_grpo.job")
 EXIT_PREEMPTED = 75
 #: Exit code of a run refused before it started (bad config, conflicting run folder): never retried.
 EXIT_REFUSED = 2
+#: Exit code of a run that failed for lack of space (recorded as `failed`): never retried.
+EXIT_FAILED = 1
+#: Errors of a write that did not fit: no space left on the device, disk quota exceeded.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 #: Config sections a stage depends on: work a stage left on disk belongs to these settings.
 STAGE_INPUTS = {"train": ("stage", "seed", "model", "lora", "grpo", "rollout", "data")}
 STAGE_INPUTS["eval"] = (*STAGE_INPUTS["train"], "eval")
@@ -93,11 +103,14 @@ def recorded_config(folder: CellFolder, previous: dict) -> dict | None:
         return None
 
 
-def conflicting_inputs(run_dir: str | os.PathLike, config: dict, adapter: str | None = None) -> list[str]:
+def conflicting_inputs(run_dir: str | os.PathLike, config: dict, adapter: str | None = None,
+                       inputs: dict | None = None) -> list[str]:
     """Why `config` cannot continue the run in `run_dir`: the config sections (and the evaluated
-    adapter) that differ from those of the work already there. Continuing would mix two
-    experiments (a "resume" from checkpoints trained with other settings, or predictions of
-    another model), so the train and evaluate commands and the sweep all refuse it."""
+    adapter) that differ from those of the work already there, and, given this attempt's
+    `inputs` (`attempt_inputs`), the model revision and training data where they differ from
+    the first attempt's. Continuing would mix two experiments (a "resume" from checkpoints
+    trained with other settings or data, or predictions of another model), so the train and
+    evaluate commands and the sweep all refuse it."""
     folder = CellFolder(run_dir)
     previous = results.load_existing(folder.result) or {}
     stages = stages_on_disk(folder, previous)
@@ -109,27 +122,77 @@ def conflicting_inputs(run_dir: str | os.PathLike, config: dict, adapter: str | 
     changed = dict.fromkeys(key for stage in stages for key in changed_inputs(before, config, stage))
     if "eval" in stages and adapter is not None and previous.get("adapter") not in (None, adapter):
         changed["adapter"] = None
+    if inputs is not None:
+        changed.update(dict.fromkeys(changed_attempt_inputs(previous.get("attempts", []), inputs, stages)))
     return list(changed)
+
+
+def attempt_inputs(cfg: ExperimentConfig, adapter: Path | None = None) -> dict:
+    """What this attempt computes with beyond its settings, kept per attempt in result.json
+    (`attempts`): the model's resolved path and hub revision, and while training is left to do,
+    the fingerprint of the training prompts (the pool; data.fingerprint). Settings alone do not
+    pin them: the cache can be prepared again (another model commit, another pool) between two
+    attempts. An input that cannot be read here is left None: the stage that reads it fails
+    with the error, recorded as the run's."""
+    folder = CellFolder(cfg.output.dir)
+    previous = results.load_existing(folder.result) or {}
+    inputs: dict = {"model": None, "train_data": None}
+    try:
+        from .models import hub_revision, resolve_model_path
+
+        inputs["model"] = {"path": resolve_model_path(cfg.model.name_or_path),
+                           "revision": hub_revision(cfg.model.name_or_path, cfg.model.revision)}
+        if cfg.stage == "grpo" and adapter is None and "train" not in previous.get("stages_done", []):
+            from .data import fingerprint
+            from .training import load_train_pool
+
+            inputs["train_data"] = fingerprint(load_train_pool(cfg.data))
+    except Exception as err:  # noqa: BLE001 - reported by the stage that needs the input
+        log.warning("could not read this attempt's inputs (%s: %s); the stage that needs them will say why",
+                    type(err).__name__, err)
+    return inputs
+
+
+def changed_attempt_inputs(attempts: list[dict], inputs: dict, stages: list[str]) -> list[str]:
+    """`model revision` (the work in `stages`) and `training data` (training work) where this
+    attempt's `inputs` differ from the first recorded attempt's."""
+    def model_identity(model: dict) -> str | None:  # a hub commit, else the folder (a local model, a stand-in)
+        return model.get("revision") or model.get("path")
+
+    first_model = next((a["model"] for a in attempts if a.get("model")), None)
+    first_data = next((a["train_data"] for a in attempts if a.get("train_data")), None)
+    changed = []
+    if stages and first_model and inputs.get("model") and model_identity(first_model) != model_identity(inputs["model"]):
+        changed.append("model revision")
+    if "train" in stages and first_data and inputs.get("train_data") and first_data != inputs["train_data"]:
+        changed.append("training data")
+    return changed
 
 
 class RunConflict(RuntimeError):
     """The run folder holds work done with other settings; the message says how to start afresh."""
 
 
-def claim_run_dir(cfg: ExperimentConfig, adapter: Path | None = None, force: bool = False) -> None:
+def claim_run_dir(cfg: ExperimentConfig, adapter: Path | None = None, force: bool = False,
+                  inputs: dict | None = None) -> Path | None:
     """Make sure the run folder can take this run: refuse (RunConflict) when it holds work done
-    with other settings, unless `force`, which moves that work aside (nothing is deleted)."""
+    with other settings (or, given this attempt's `inputs`, on another model revision or other
+    training data), unless `force`, which moves that work aside (nothing is deleted). Returns
+    where it went, or None."""
     folder = CellFolder(cfg.output.dir)
-    conflicts = conflicting_inputs(folder.path, cfg.to_dict(), adapter=str(adapter) if adapter else None)
+    conflicts = conflicting_inputs(folder.path, cfg.to_dict(), adapter=str(adapter) if adapter else None, inputs=inputs)
     if not conflicts:
-        return
+        return None
     if not force:
         raise RunConflict(
             f"{folder.path} holds a run done with other settings ({', '.join(conflicts)}); continuing it would mix two "
             "experiments. Rerun with the settings it was started with, choose another output folder, or add --force "
             f"to move it to {folder.path.parent / '.replaced'}/ and start afresh (nothing is deleted).")
-    if is_main_process():
-        log.warning("--force: moved the earlier run (other %s) to %s", ", ".join(conflicts), folder.move_aside())
+    if not is_main_process():
+        return None
+    moved = folder.move_aside()
+    log.warning("--force: moved the earlier run (other %s) to %s", ", ".join(conflicts), moved)
+    return moved
 
 
 # --------------------------------------------------------------------------- the run record
@@ -150,14 +213,18 @@ def slurm_info(previous: dict | None) -> dict:
 
 class RunRecord:
     """The run's result.json, rewritten atomically on every change (by the main process only).
-    The caller has claimed the folder (`claim_run_dir`): every stage finished on disk is kept."""
+    The caller has claimed the folder (`claim_run_dir`): every stage finished on disk is kept,
+    and every attempt's inputs (`attempt_inputs`), this one's appended."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, inputs: dict | None = None):
         self.path = CellFolder(cfg.output.dir).result
         previous = results.load_existing(self.path) or {}
         stages = previous.get("stages_done", [])
+        slurm = slurm_info(previous.get("slurm"))
+        attempt = {"attempt": slurm["attempts"], "started_at": results.now_iso(), "job_id": slurm["job_id"],
+                   **(inputs or {"model": None, "train_data": None})}
         self.doc = result_document(
-            cfg, slurm=slurm_info(previous.get("slurm")),
+            cfg, slurm=slurm, attempts=[*previous.get("attempts", []), attempt],
             adapter=previous.get("adapter"),  # set by `nli_grpo.evaluate --adapter`
             train=previous.get("train") if "train" in stages else None,
             eval=previous.get("eval", {}),  # sets finished by an interrupted evaluation are kept
@@ -202,6 +269,61 @@ def record_signal_death(run_dir: str | os.PathLike, signal_name: str, retries_us
     return message
 
 
+# --------------------------------------------------------------------------- a write that did not fit
+def write_failure(err: BaseException) -> tuple[BaseException, str] | None:
+    """The error in `err`'s chain that says a write did not fit, and why (no space left, quota
+    exceeded); None for any other error. The libraries that write checkpoints do not all raise
+    OSError: safetensors raises its own error with the OS message, torch.save a RuntimeError
+    from its stream writer with no errno at all ("unexpected pos ...")."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
+            return err, os.strerror(err.errno)
+        text = str(err)
+        for code in NO_SPACE_ERRNOS:
+            if os.strerror(code) in text or f"os error {code})" in text:
+                return err, os.strerror(code)
+        if isinstance(err, RuntimeError) and ("inline_container.cc" in text or "PytorchStreamWriter" in text):
+            return err, f"torch.save could not write its file ({' or '.join(map(os.strerror, NO_SPACE_ERRNOS))}?)"
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def record_write_failure(record: RunRecord, folder: CellFolder, err: BaseException, reason: str) -> str:
+    """End the run as failed for a write that did not fit: record and log what could not be
+    written, why and what to do, after removing the half-written checkpoint (never resumed
+    from; its space lets result.json be written). Returns the message."""
+    # The failed writer's open file (torch's stream writer) lives in the traceback's frames: let
+    # it go, or its blocks stay taken, deleted or not, while this process records the failure.
+    chained = err
+    while chained is not None:
+        traceback.clear_frames(chained.__traceback__)
+        chained = chained.__cause__ or chained.__context__
+    gc.collect()
+    half_written = [p for p in folder.checkpoint_folders() if not (p / COMPLETE_MARKER).exists()]
+    path = getattr(err, "filename", None) or (half_written[-1] if half_written else folder.path)
+    try:
+        usage = shutil.disk_usage(folder.path)
+        room = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
+    except OSError:
+        room = "free space unknown"
+    if is_main_process():
+        folder.remove_incomplete_checkpoints()
+    step = folder.last_step_on_disk()
+    message = (f"could not write {path}: {reason} ({room} on its file system; {type(err).__name__}: {err}). Free space "
+               "(or quota) there, or choose another output folder, then rerun the same command: it resumes from the "
+               f"last complete checkpoint (step {step}).")
+    log.error(message)
+    try:
+        record.update(status="failed", error=message,
+                      failure={"write_failed": str(path), "reason": reason, "error": f"{type(err).__name__}: {err}",
+                               "last_step_on_disk": step})
+    except OSError as again:
+        log.error("result.json could not be written either (%s): it still says %s", again, record.doc.get("status"))
+    return message
+
+
 # --------------------------------------------------------------------------- the job
 @contextlib.contextmanager
 def _environment(variables: dict[str, str]):
@@ -225,15 +347,17 @@ def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None, f
     one (`nli_grpo.evaluate --adapter`). `force`: start afresh where the run folder holds work
     done with other settings (else RunConflict). Returns the process exit code."""
     adapter = adapter.resolve() if adapter is not None else None
-    claim_run_dir(cfg, adapter, force)
+    inputs = attempt_inputs(cfg, adapter)
+    if claim_run_dir(cfg, adapter, force, inputs):  # the earlier run moved aside: this one starts afresh
+        inputs = attempt_inputs(cfg, adapter)
     stop = StopRequest()
     stop.install()
-    record = RunRecord(cfg)
+    record = RunRecord(cfg, inputs)
     if adapter is not None:
         record.doc["adapter"] = str(adapter)
-    record.update()
     training = cfg.stage == "grpo" and adapter is None and not record.stage_done("train")
     try:
+        record.update()
         with contextlib.ExitStack() as rollout_server:
             if training:  # a vllm_server cell's server, unless the job gave one; before CUDA is initialised
                 rollout_server.enter_context(_environment(rollout_server.enter_context(serving(cfg, cfg.output.dir))))
@@ -264,6 +388,9 @@ def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None, f
         record.update(status="complete")
         return 0
     except BaseException as err:
+        if isinstance(err, Exception) and (failed_write := write_failure(err)) is not None:
+            record_write_failure(record, CellFolder(cfg.output.dir), *failed_write)
+            return EXIT_FAILED
         if training and stop.is_set() and isinstance(err, Exception):
             # Slurm's SIGTERM (requeue, preemption) reaches every process of the job: a step in
             # flight can fail with it (the cell's vLLM server stopped). Its last complete

@@ -14,6 +14,12 @@ Two submitit settings matter (see slurm/README.md):
 - `slurm_signal_delay_s` (SIGNAL_DELAY_S): USR2 comes that long before the time limit; the child
   gets at most that (or the partition's GraceTime, when shorter) minus a margin to save.
 
+A cell is trained by one job at a time: `CellJob` holds the cell folder's lock (`cell_lock`) while
+its training runs, and a second job on a locked cell exits at once, touching nothing.
+
+Submission (`submit_graph`) goes array by array, each recorded (the manifest) as soon as its
+sbatch returns: whatever fails later, every queued job is on record.
+
 What Slurm says (partitions, the queue) is nli_grpo.slurm's; the manifest is nli_grpo.manifest's.
 """
 
@@ -25,9 +31,11 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +56,103 @@ SIGNAL_DELAY_S = 300
 #: Time kept back from the signal delay / grace time for submitit's own requeue and exit.
 STOP_MARGIN_S = 15
 CLUSTERS = ("slurm", "local", "debug")
+#: The least time a job has before its USR2: with less, every start stops almost at once and
+#: requeues, MAX_REQUEUES times.
+MIN_WORK_BEFORE_SIGNAL_S = 300
+#: sbatch waits for a slurmctld that does not answer (retrying for many minutes): give up after this.
+SBATCH_TIMEOUT_S = 120
+#: The lock a cell's job holds in the cell folder while it trains.
+CELL_LOCK_FILENAME = ".cell.lock"
+#: Slurm states of a job that may still write to its cell (its lock is not stale).
+LIVE_JOB_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESIZING"}
+
+
+# --------------------------------------------------------------------------- one job per cell
+class CellBusy(RuntimeError):
+    """The cell is being trained by another job (its lock is held by a live job)."""
+
+
+def current_job() -> str | None:
+    """This process's Slurm job, as the manifest writes it (`123_4` for an array task); None off Slurm."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
+def _holder_alive(holder: dict, job: str | None) -> bool:
+    """Whether the lock's holder may still be writing: its Slurm job is running (asked by job id),
+    or, off Slurm, its process lives on this host. Unknown counts as alive: a refused job costs a
+    rerun, two jobs on one cell cost the run."""
+    from . import slurm
+
+    if holder.get("job") and holder["job"] == job:
+        return False  # this job's own earlier start (requeued): it ended before this one began
+    if holder.get("job"):
+        try:
+            state = slurm.queued_jobs([holder["job"]]).get(holder["job"])
+        except slurm.SlurmError:
+            return True
+        return state in LIVE_JOB_STATES
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def cell_lock(run_dir: str | os.PathLike):
+    """Hold the cell folder's lock while the block runs; CellBusy when a live job holds it.
+
+    The lock is a file created with O_EXCL (atomic on NFS and parallel file systems, where flock
+    may be local to a node) naming its job, host and process. A lock left by a dead job (killed,
+    node lost) is stale: it is renamed aside (of two jobs breaking it at once, one rename wins)
+    and taken."""
+    path = Path(run_dir) / CELL_LOCK_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"job": current_job(), "host": socket.gethostname(), "pid": os.getpid(), "since": results.now_iso()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text() or "null")
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except (OSError, json.JSONDecodeError):
+                holder = None
+            if holder is None and time.time() - _mtime(path) < 60:
+                holder = {"job": "?", "host": "?", "since": "just now (still writing its lock)"}
+            if holder is not None and _holder_alive(holder, me["job"]):
+                raise CellBusy(f"{run_dir} is being trained by job {holder.get('job') or '?'} (host {holder.get('host')}, pid "
+                               f"{holder.get('pid')}, since {holder.get('since')}); this job leaves it alone. If that job is "
+                               f"dead, remove {path}") from None
+            with contextlib.suppress(FileNotFoundError):
+                path.rename(path.with_name(f"{path.name}.stale-{me['job'] or me['pid']}"))
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            if json.loads(path.read_text()) == me:
+                path.unlink()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 # --------------------------------------------------------------------------- the job
@@ -60,10 +165,14 @@ class CellJob:
     that exits with an error code (a config error, a refused run folder, an exception) is not:
     the same inputs would fail the same way. A child stopped by a signal after saving (exit
     EXIT_PREEMPTED: SIGTERM from a requeue or preemption, which submitit's own process ignores)
-    ends the job with that exit code and no exception: the cell resumes on its next start."""
+    ends the job with that exit code and no exception: the cell resumes on its next start.
+
+    `exclusive` (a cell): hold the cell folder's lock (`cell_lock`) while training; a job that
+    finds it held by a live job exits with EXIT_REFUSED at once. A pool's shards share their
+    folder and are not exclusive."""
 
     def __init__(self, command: list[str], run_dir: str, stop_timeout_s: float, threads: int = 1, gpus: int = 1,
-                 retries: int = DEFAULT_RETRIES, online: bool = False, rollout_server: bool = False):
+                 retries: int = DEFAULT_RETRIES, online: bool = False, rollout_server: bool = False, exclusive: bool = True):
         self.command = command
         self.run_dir = run_dir
         self.stop_timeout_s = stop_timeout_s
@@ -72,15 +181,26 @@ class CellJob:
         self.retries = retries
         self.online = online
         self.rollout_server = rollout_server
+        self.exclusive = exclusive
         self.starts = 0
         self._child: subprocess.Popen | None = None
         self._torchrun = False
         self._stopping = False
 
     def __call__(self) -> dict:
-        from .job import EXIT_PREEMPTED, record_signal_death
+        from .job import EXIT_REFUSED
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            with cell_lock(self.run_dir) if self.exclusive else contextlib.nullcontext():
+                return self._train()
+        except CellBusy as err:
+            log.error("%s", err)
+            sys.exit(EXIT_REFUSED)  # not an exception: submitit would log a traceback
+
+    def _train(self) -> dict:
+        from .job import EXIT_PREEMPTED, record_signal_death
+
         deaths = 0
         while True:
             # A fresh vLLM server for every start of the training, stopped when it exits, or when
@@ -177,7 +297,8 @@ class CellJob:
                 _send(_process_tree(child.pid), signal.SIGKILL)
                 child.wait()
         return submitit.helpers.DelayedSubmission(CellJob(self.command, self.run_dir, self.stop_timeout_s, self.threads,
-                                                          self.gpus, self.retries, self.online, self.rollout_server))
+                                                          self.gpus, self.retries, self.online, self.rollout_server,
+                                                          self.exclusive))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_child": None}  # a process handle does not survive pickling
@@ -260,6 +381,16 @@ class LaunchOptions:
         return max(5.0, window - STOP_MARGIN_S)
 
 
+def time_problem(timeout_min: int, options: LaunchOptions) -> str | None:
+    """Why a time limit is too short for the USR2 that comes `signal_delay_s` before it."""
+    least = options.signal_delay_s + MIN_WORK_BEFORE_SIGNAL_S
+    if timeout_min * 60 >= least:
+        return None
+    return (f"--time {timeout_min} min is too short: USR2 (save and requeue) comes {options.signal_delay_s} s before the "
+            f"time limit, so every start would stop after {max(0, timeout_min * 60 - options.signal_delay_s)} s; give "
+            f"--time {-(-least // 60)} or more")
+
+
 def executor_parameters(resources: ResourcesConfig, options: LaunchOptions, name: str, dependency: str | None = None) -> dict:
     """submitit AutoExecutor parameters of one job; cells with equal parameters share an array.
     `dependency`: a Slurm dependency (`afterok:<job>`), e.g. on the merge of the pool a cell trains on."""
@@ -283,6 +414,8 @@ def executor_parameters(resources: ResourcesConfig, options: LaunchOptions, name
 def make_executor(cluster: str, folder: Path, parameters: dict) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster, slurm_max_num_timeout=MAX_REQUEUES)
     executor.update_parameters(**parameters)
+    if cluster == "slurm":  # submitit runs a bare `sbatch FILE`, without a timeout
+        executor._executor._make_submission_command = lambda path: ["timeout", str(SBATCH_TIMEOUT_S), "sbatch", str(path)]
     return executor
 
 
@@ -310,23 +443,103 @@ def array_groups(cells: list, options: LaunchOptions, name: str, max_array_size:
             for params, group in groups.values() for start in range(0, len(group), max_array_size)]
 
 
-def submit_cells(cells: list, options: LaunchOptions, folder: Path, name: str, max_array_size: int) -> tuple[dict, list]:
-    """Submit cells (objects with `.cfg` and `.run_dir`) as the job arrays of `array_groups`.
-    Returns ({cell_id: job}, [errors]); a failed submission stops the rest and is reported, the
-    jobs already submitted are returned."""
-    jobs = {}
-    for params, chunk in array_groups(cells, options, name, max_array_size):
-        executor = make_executor(options.cluster, folder, params)
+def cell_job(cell, options: LaunchOptions) -> CellJob:
+    """The job of a planned cell (an object with `.cfg` and `.run_dir`)."""
+    return CellJob(train_command(cell.run_dir), str(cell.run_dir), options.stop_timeout_s, cell.cfg.resources.cpus_per_task,
+                   cell.cfg.resources.gpus_per_node, options.retries, options.online,
+                   rollout_server=cell.cfg.rollout.backend == "vllm_server")
+
+
+# --------------------------------------------------------------------------- submitting
+@dataclass
+class ArrayNode:
+    """One job array of a submission (a sweep's cells, a pool's shards, its merge): what sbatch is
+    given, the jobs by part (cell id, shard), and what records them."""
+
+    name: str
+    parameters: dict
+    jobs: dict
+    """part -> the callable the job runs (a CellJob)."""
+    log_folder: Path
+    record: Callable[[dict], object]
+    """Called with {part: submitit job} as soon as its sbatch returned (the manifest's record)."""
+    after: tuple = ()
+    """Earlier nodes of the same submission whose jobs must succeed first (`afterok`)."""
+
+
+class SubmissionError(RuntimeError):
+    """An sbatch failed; every job queued before it is recorded. The message names the array."""
+
+
+@contextlib.contextmanager
+def _interrupt_deferred():
+    """Ctrl-C while the block runs takes effect when it ends: a job sbatch queued is recorded first."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def submit_graph(nodes: list[ArrayNode], cluster: str) -> dict[str, dict]:
+    """Submit job arrays in order, each with `afterok` on the jobs of the nodes it comes after,
+    and record each as soon as its sbatch returns. Returns {node name: {part: job}}; raises
+    SubmissionError at the first failed sbatch (submitit's errors included), the earlier ones
+    recorded, so that a rerun submits only what is missing."""
+    queued: dict[str, dict] = {}
+    for node in nodes:
+        parameters = dict(node.parameters)
+        waits = [str(job.job_id) for name in node.after for job in queued[name].values()]
+        if waits:
+            additional = dict(parameters.get("slurm_additional_parameters", {}))
+            given = additional.get("dependency", "")
+            additional["dependency"] = ",".join(filter(None, [given, f"afterok:{':'.join(waits)}"]))
+            parameters["slurm_additional_parameters"] = additional
+        executor = make_executor(cluster, node.log_folder, parameters)
+        with _interrupt_deferred():
+            try:
+                with executor.batch():
+                    submitted = [executor.submit(job) for job in node.jobs.values()]
+            except Exception as err:  # noqa: BLE001 - submitit raises plain RuntimeError / CalledProcessError
+                detail = str(err).strip().splitlines()
+                if getattr(err.__cause__, "returncode", None) == 124:  # timeout's: the controller may have queued it all the same
+                    detail = [f"no answer within {SBATCH_TIMEOUT_S} s (is slurmctld up?); it may have been queued all the same: "
+                              f"look for jobs named {parameters.get('name')} in squeue before running again"]
+                raise SubmissionError(f"the sbatch of {node.name} ({len(node.jobs)} job(s)) failed: "
+                                      f"{detail[-1] if detail else type(err).__name__}") from err
+            queued[node.name] = dict(zip(node.jobs, submitted))
+            node.record(queued[node.name])
+    return queued
+
+
+def submit_cells(cells: list, options: LaunchOptions, folder: Path, name: str, max_array_size: int,
+                 record: Callable[[dict], object]) -> tuple[dict, list]:
+    """Submit cells (objects with `.cfg` and `.run_dir`) as the job arrays of `array_groups`,
+    `record`ing each array's {cell_id: job} as soon as it is queued. Returns ({cell_id: job},
+    [errors]); a failed submission stops the rest and is reported, the jobs already submitted
+    are returned (and recorded)."""
+    jobs: dict = {}
+
+    def keep(queued: dict) -> None:
+        jobs.update(queued)
+        record(queued)
+
+    nodes = []
+    for i, (params, chunk) in enumerate(array_groups(cells, options, name, max_array_size), 1):
         for cell in chunk:
             write_config_snapshot(cell.cfg, cell.run_dir)
-        try:
-            with executor.batch():
-                submitted = [executor.submit(CellJob(train_command(c.run_dir), str(c.run_dir), options.stop_timeout_s,
-                                                     c.cfg.resources.cpus_per_task, c.cfg.resources.gpus_per_node,
-                                                     options.retries, options.online,
-                                                     rollout_server=c.cfg.rollout.backend == "vllm_server"))
-                             for c in chunk]
-        except Exception as err:  # noqa: BLE001 - report, keep what was submitted
-            return jobs, [f"submission of {len(chunk)} cells failed: {err}"]
-        jobs.update({c.cfg.output.cell_id: job for c, job in zip(chunk, submitted)})
+        nodes.append(ArrayNode(f"array {i} of cells", params, {c.cfg.output.cell_id: cell_job(c, options) for c in chunk},
+                               folder, keep))
+    try:
+        submit_graph(nodes, options.cluster)
+    except SubmissionError as err:
+        return jobs, [str(err)]
     return jobs, []

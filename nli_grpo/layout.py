@@ -32,7 +32,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import results
+from . import files, results
 from .config import ExperimentConfig
 from .grid import cell_from_config
 
@@ -146,7 +146,10 @@ class CellFolder:
 
 
 def mark_checkpoint_complete(checkpoint: Path, step: int) -> None:
-    """Write the completion marker, durably, once everything else of the checkpoint is on disk."""
+    """Write the completion marker, durably, once everything else of the checkpoint is on disk;
+    first its files get the modes open() would give them under the umask (safetensors writes
+    its weights 0600), so that a shared results tree serves the whole group."""
+    files.follow_umask(checkpoint)
     with open(checkpoint / COMPLETE_MARKER, "w") as f:
         f.write(f"{step}\n")
         f.flush()
@@ -162,6 +165,7 @@ def adapter_from_checkpoint(checkpoint: Path, target: Path) -> None:
     for path in checkpoint.iterdir():
         if path.is_file() and path.name not in TRAINER_STATE_FILES and not path.name.startswith("rng_state"):
             shutil.copy2(path, tmp / path.name)
+    files.follow_umask(tmp)  # copy2 copies the modes: a checkpoint written before they followed the umask
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
@@ -182,6 +186,7 @@ def result_document(cfg: ExperimentConfig, **fields) -> dict:
         "config": cfg.to_dict(),
         "versions": None,
         "slurm": {},
+        "attempts": [],
         "model": None,
         "adapter": None,
         "train": None,

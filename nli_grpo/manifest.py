@@ -7,14 +7,13 @@ is queued) and by status.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import json
 import os
 import sys
 from pathlib import Path
 
-from . import results
+from . import files, results
 from .layout import MANIFEST_FILENAME
 
 
@@ -31,22 +30,43 @@ def read_manifest(sweep_dir: str | os.PathLike) -> dict:
 
 @contextlib.contextmanager
 def _lock(sweep_dir: Path):
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    with open(sweep_dir / f".{MANIFEST_FILENAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with files.locked(sweep_dir / f".{MANIFEST_FILENAME}.lock"):  # usable by all who may write the sweep
         yield
+
+
+class Book:
+    """The manifest of a sweep whose lock this process holds (`held`): what it records is written
+    at once, atomically, so that a failure or a Ctrl-C later in the submission keeps it."""
+
+    def __init__(self, sweep_dir: Path):
+        self.sweep_dir = sweep_dir
+        self.manifest = read_manifest(sweep_dir)
+
+    def record(self, cells: dict, submission: dict) -> dict:
+        """Add cells (cell_id -> description) and a submission record (submission_record), or
+        more jobs to a submission recorded before (the same dict): earlier records are kept."""
+        self.manifest["cells"].update(cells)
+        if not any(s is submission for s in self.manifest["submissions"]):
+            self.manifest["submissions"].append(submission)
+        results.atomic_write_json(self.sweep_dir / MANIFEST_FILENAME, self.manifest)
+        return self.manifest
+
+
+@contextlib.contextmanager
+def held(sweep_dir: str | os.PathLike):
+    """The sweep's manifest under its lock, for as long as the block runs: a sweep holds it from
+    reading what is queued to its last record, so that two sweeps started at once never both
+    submit a cell (the second waits, then finds the first's jobs)."""
+    sweep_dir = Path(sweep_dir)
+    with _lock(sweep_dir):
+        yield Book(sweep_dir)
 
 
 def record_submission(sweep_dir: str | os.PathLike, cells: dict, submission: dict) -> dict:
     """Add cells (cell_id -> description) and one submission record to the manifest, under a lock
     and atomically: earlier records are kept, concurrent runs do not lose each other's."""
-    sweep_dir = Path(sweep_dir)
-    with _lock(sweep_dir):
-        manifest = read_manifest(sweep_dir)
-        manifest["cells"].update(cells)
-        manifest["submissions"].append(submission)
-        results.atomic_write_json(sweep_dir / MANIFEST_FILENAME, manifest)
-    return manifest
+    with held(sweep_dir) as book:
+        return book.record(cells, submission)
 
 
 def submission_record(cluster: str, folder: Path, jobs: dict, retries: int) -> dict:
@@ -55,8 +75,13 @@ def submission_record(cluster: str, folder: Path, jobs: dict, retries: int) -> d
     return {
         "submitted_at": results.now_iso(), "command": [sys.executable, *sys.argv], "cwd": os.getcwd(),
         "user": getpass.getuser(), "cluster": cluster, "log_folder": str(folder), "retries": retries,
-        "jobs": {cell_id: str(job.job_id) for cell_id, job in jobs.items()},
+        "jobs": job_ids(jobs),
     }
+
+
+def job_ids(jobs: dict) -> dict[str, str]:
+    """cell_id -> submitit job, as the manifest records it: cell_id -> job id (`123_4` in an array)."""
+    return {cell_id: str(job.job_id) for cell_id, job in jobs.items()}
 
 
 def latest_jobs(manifest: dict) -> dict[str, tuple[str, str]]:
@@ -66,3 +91,8 @@ def latest_jobs(manifest: dict) -> dict[str, tuple[str, str]]:
         for cell_id, job_id in submission.get("jobs", {}).items():
             found[cell_id] = (job_id, submission.get("cluster", "slurm"))
     return found
+
+
+def recorded_jobs(sweep_dir: str | os.PathLike) -> list[str]:
+    """The latest job id of every cell (or part) of the manifest: the jobs to ask the queue about."""
+    return [job_id for job_id, _ in latest_jobs(read_manifest(sweep_dir)).values()]

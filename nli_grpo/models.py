@@ -15,15 +15,15 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from . import warmstart
-from .cache import building, cache_dir, hub_cache_dir
+from . import files, warmstart
+from .cache import building, cache_dir, hub_cache_dir, staged_gguf
 from .catalog import (
+    GGUF_MODELS,
     QWEN25_COMMON,
     STAND_IN_FILENAME,
     TINY_SHAPE,
@@ -99,13 +99,79 @@ def _write_random_model(target: Path, name: str, seed: int = 0) -> None:
         config, dtype = _qwen2_config(fields, fields.pop("vocab_size"), tokenizer), torch.bfloat16
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() and name != "tiny" else "cpu"
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(dtype)
+    model = _random_qwen2(Qwen2ForCausalLM, config, dtype, device)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with _atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / STAND_IN_FILENAME).write_text(json.dumps({"name": name, "seed": seed, "random_weights": True}))
+
+
+def _random_qwen2(model_class, config, dtype: torch.dtype, device: str):
+    """A randomly initialised model built in `dtype` from the start: built in float32 and cast,
+    Qwen2.5-32B would need ~131 GB on the GPU for a moment."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return model_class(config)
+    finally:
+        torch.set_default_dtype(default)
+
+
+#: The AWQ format the Qwen2.5 AWQ checkpoints use (their config.json's quantization_config).
+AWQ_QUANTIZATION_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm",
+                           "modules_to_not_convert": None}
+
+
+def write_random_awq_model(target: Path, name: str, seed: int = 0) -> None:
+    """Write a random-weight checkpoint of a Qwen2.5 shape (`qwen2.5-7b`) in the AWQ GEMM format
+    of the published AWQ checkpoints, with the tiny tokenizer, atomically: for GPU checks of the
+    AWQ paths (gptqmodel's kernels, vLLM) on machines that cannot download a real one. Every
+    linear layer of the decoder is int4: `qweight` (in, out/8) and `qzeros` (in/128, out/8) packed
+    into int32, `scales` (in/128, out) in float16; the zero point is 8 and the scale makes the
+    weights' spread about Qwen's initialiser's (0.02). Any int4 values are valid weights, so no
+    packing order matters for random ones. Embeddings, norms, biases and LM head stay float16."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    tokenizer = build_tiny_tokenizer()
+    fields = qwen25_config(name)
+    config = _qwen2_config(fields, fields.pop("vocab_size"), tokenizer)
+    config.quantization_config = dict(AWQ_QUANTIZATION_CONFIG)
+    config.dtype = torch.float16
+    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    group = AWQ_QUANTIZATION_CONFIG["group_size"]
+    generator = torch.Generator().manual_seed(seed)
+    zeros_8 = int.from_bytes(bytes([0x88] * 4), "little", signed=True)  # eight nibbles of 8
+    scale = 0.02 / 4.6  # (q - 8) for q uniform in 0..15 has a standard deviation of ~4.6
+
+    def normal(*size):
+        return (torch.randn(*size, generator=generator) * 0.02).half()
+
+    state = {"model.embed_tokens.weight": normal(vocab, h), "model.norm.weight": torch.ones(h, dtype=torch.float16)}
+    if not config.tie_word_embeddings:
+        state["lm_head.weight"] = normal(vocab, h)
+    linears = {"self_attn.q_proj": (h, h, True), "self_attn.k_proj": (h, kv, True), "self_attn.v_proj": (h, kv, True),
+               "self_attn.o_proj": (h, h, False), "mlp.gate_proj": (h, inter, False), "mlp.up_proj": (h, inter, False),
+               "mlp.down_proj": (inter, h, False)}
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        state[prefix + "input_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
+        state[prefix + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
+        for module, (n_in, n_out, bias) in linears.items():
+            state[f"{prefix}{module}.qweight"] = torch.randint(-2**31, 2**31, (n_in, n_out // 8), dtype=torch.int32, generator=generator)
+            state[f"{prefix}{module}.qzeros"] = torch.full((n_in // group, n_out // 8), zeros_8, dtype=torch.int32)
+            state[f"{prefix}{module}.scales"] = torch.full((n_in // group, n_out), scale, dtype=torch.float16)
+            if bias:
+                state[f"{prefix}{module}.bias"] = torch.zeros(n_out, dtype=torch.float16)
+    with _atomic_folder(target) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / STAND_IN_FILENAME).write_text(json.dumps({"name": name, "seed": seed, "random_weights": True, "format": "awq"}))
 
 
 def _write_warm_started_model(target: Path, seed: int = 0) -> None:
@@ -117,14 +183,40 @@ def _write_warm_started_model(target: Path, seed: int = 0) -> None:
         (tmp / STAND_IN_FILENAME).write_text(json.dumps(record))
 
 
+def write_gguf_model(gguf_file: Path, target: Path) -> None:
+    """Write the model in a GGUF file as an HF model folder (float32 safetensors, its config,
+    generation config and tokenizer, the chat template from the file's metadata), atomically.
+
+    transformers dequantises the GGUF tensors on loading (with the `gguf` package) but marks the
+    model as GGUF-quantised (config.quantization_config, the quantizer), which save_pretrained
+    refuses; the model is therefore rebuilt from its config without that marker and given the
+    dequantised state dict. Float32 holds every dequantised value exactly (GGUF's block scales are
+    float16)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    with _atomic_folder(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
 @contextlib.contextmanager
 def _atomic_folder(target: Path):
     """A temp folder next to `target` to write into, renamed to `target` when the block succeeds,
-    so concurrent jobs never see a half-written model."""
+    so concurrent jobs never see a half-written model. Its files get the modes open() would give
+    them under the umask (safetensors writes 0600): a lab's shared cache serves all its users."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = files.new_temp_folder(target.parent, prefix=f".{target.name}.")
     try:
         yield tmp
+        files.follow_umask(tmp)
         os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
     finally:
         if tmp.exists():
@@ -141,10 +233,17 @@ def _stand_in_folder(name: str) -> str:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A hub id or folder as given; the stand-ins (`tiny`, `tiny-sft`, `random:<shape>`) are built
-    once into the cache, by one job at a time."""
+    """A hub id or folder as given; a model staged from a GGUF file (`prepare --gguf`), its folder in
+    the cache; the stand-ins (`tiny`, `tiny-sft`, `random:<shape>`) are built once into the cache,
+    by one job at a time."""
     name = stand_in_shape(name_or_path)
     if name is None:
+        staged = staged_gguf(name_or_path) if not Path(name_or_path).is_dir() else None
+        if staged is not None:
+            return staged["path"]
+        if name_or_path in GGUF_MODELS:
+            raise FileNotFoundError(f"model {name_or_path} is not staged in the cache {cache_dir()}: "
+                                    f"run `python -m nli_grpo.prepare --gguf {name_or_path}` first")
         return name_or_path
     target = cache_dir() / "models" / _stand_in_folder(name)
     if not (target / "config.json").exists():
@@ -189,13 +288,15 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-def load_base_model(model_cfg: ModelConfig, dtype: torch.dtype | str, zero3: bool = False):
+def load_base_model(model_cfg: ModelConfig, dtype: torch.dtype | str, zero3: bool = False, training: bool = False):
     """The frozen base model in the config's quantization, its non-quantised weights in `dtype`
     (a torch dtype, or `auto` for the checkpoint's own; see training_precision / eval_dtype).
+    `training`: the model will be trained (LoRA on top), not only run.
 
     - bf16: the checkpoint as is (the name says unquantised; the weights are held in `dtype`).
     - awq: a pre-quantised AWQ checkpoint; transformers 5 reads its quantization_config and loads
-      it through gptqmodel (AutoAWQ is archived). Needs a CUDA GPU and `pip install gptqmodel`.
+      it through gptqmodel (AutoAWQ is archived), with trainable kernels when `training`
+      (awq_loading_config). Needs a CUDA GPU and gptqmodel >= GPTQMODEL_MIN_VERSION.
     - bnb4: bitsandbytes NF4 with double quantisation, quantised at load time (QLoRA), computing in
       `dtype` (bfloat16 for `auto`).
 
@@ -215,6 +316,8 @@ def load_base_model(model_cfg: ModelConfig, dtype: torch.dtype | str, zero3: boo
         )
     elif model_cfg.quantization == "awq":
         _require_awq_backend()
+        if training:
+            kwargs["quantization_config"] = awq_loading_config(training=True)
     if torch.cuda.is_available() and not zero3:
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -225,13 +328,46 @@ def load_base_model(model_cfg: ModelConfig, dtype: torch.dtype | str, zero3: boo
     return model
 
 
-def _require_awq_backend() -> None:
-    import importlib.util
+def awq_loading_config(training: bool):
+    """The AwqConfig from_pretrained gets for an AWQ checkpoint: only its loading attribute, the
+    gptqmodel kernel (`backend`), counts; transformers keeps the checkpoint's quantization_config
+    and overrides that attribute (AutoHfQuantizer.merge_quantization_configs). Training needs
+    `auto_trainable`: gptqmodel's `auto` picks Machete / Marlin / ExllamaV2 on CUDA, inference-only
+    kernels whose train() raises NotImplementedError at the trainer's first model.train().
+    Evaluation keeps `auto` (the fastest kernels)."""
+    from transformers import AwqConfig
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("AWQ checkpoints need a CUDA GPU (gptqmodel's AWQ kernels); use model.quantization=bf16 or bnb4 on this machine")
-    if importlib.util.find_spec("gptqmodel") is None:
-        raise RuntimeError("loading AWQ checkpoints needs gptqmodel: pip install 'nli_grpo[gpu]' (or pip install gptqmodel)")
+    return AwqConfig(backend="auto_trainable" if training else "auto")
+
+
+#: transformers 5 loads AWQ through gptqmodel's hf_select_quant_linear_v2, first in gptqmodel 5.6.
+GPTQMODEL_MIN_VERSION = "5.6"
+
+
+def awq_backend_problem(cuda: bool, gptqmodel_version: str | None) -> str | None:
+    """Why AWQ checkpoints cannot load here (no GPU, no or too old gptqmodel); None when they can."""
+    from packaging.version import Version
+
+    if not cuda:
+        return "AWQ checkpoints need a CUDA GPU (gptqmodel's AWQ kernels); use model.quantization=bf16 or bnb4 on this machine"
+    if gptqmodel_version is None:
+        return "loading AWQ checkpoints needs gptqmodel: pip install 'nli_grpo[gpu]'"
+    if Version(gptqmodel_version) < Version(GPTQMODEL_MIN_VERSION):
+        return (f"gptqmodel {gptqmodel_version} is too old for transformers 5's AWQ loading (needs >= {GPTQMODEL_MIN_VERSION}, "
+                "hf_select_quant_linear_v2): pip install 'nli_grpo[gpu]'")
+    return None
+
+
+def _require_awq_backend() -> None:
+    import importlib.metadata
+
+    try:
+        installed = importlib.metadata.version("gptqmodel")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    problem = awq_backend_problem(torch.cuda.is_available(), installed)
+    if problem:
+        raise RuntimeError(problem)
 
 
 def peft_lora_config(lora: LoraConfig):
@@ -268,11 +404,15 @@ def _stand_in_record(path: str) -> dict:
 
 
 def hub_revision(name_or_path: str, revision: str | None) -> str | None:
-    """The commit a hub model resolves to in the hub cache (what a job offline loads), or None for
-    a local folder, a stand-in, or a model that is not in the cache."""
+    """The commit a hub model resolves to in the hub cache (what a job offline loads), `gguf-sha256:<hex>`
+    for a model staged from a GGUF file, or None for a local folder, a stand-in, or a model that is
+    not in the cache."""
     from huggingface_hub import try_to_load_from_cache
 
     if stand_in_shape(name_or_path) is not None or Path(name_or_path).is_dir():
         return None
+    staged = staged_gguf(name_or_path)
+    if staged is not None:
+        return staged["revision"]
     found = try_to_load_from_cache(name_or_path, "config.json", cache_dir=hub_cache_dir(), revision=revision or "main")
     return Path(found).parent.name if isinstance(found, str) else None

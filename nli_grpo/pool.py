@@ -15,9 +15,11 @@ The sampling itself is nli_grpo.bootstrap's, on the node.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -202,62 +204,77 @@ def merge_command(folder: PoolFolder) -> list[str]:
     return [sys.executable, "-u", "-m", "nli_grpo.bootstrap", "--pool-dir", str(folder.path), "--merge"]
 
 
-def ensure_pool(pool: Pool, results_root: str | Path, options: launch.LaunchOptions, queue: dict | None,
-                dry_run: bool = False) -> PoolPlan:
+def ensure_pool(pool: Pool, results_root: str | Path, options: launch.LaunchOptions,
+                queue: Callable[[list], dict] | None, dry_run: bool = False) -> PoolPlan:
     """Make sure the pool is built or being built: submit the shards that are neither complete nor
     queued (one job array) and, unless a merge is queued already, the merge with `afterok` on every
-    queued shard. Returns the plan (with the merge job to wait on); a dry run submits nothing."""
+    queued shard. `queue` reads the queue for job ids (slurm.queued_jobs; None: the files alone).
+    The pool's manifest is locked from reading the queue to the last record, and each array is
+    recorded as its sbatch returns (launch.submit_graph; SubmissionError when one fails).
+    Returns the plan (with the merge job to wait on); a dry run submits nothing."""
     folder = pool.folder(results_root)
     plan = PoolPlan(folder)
     if folder.complete():
         plan.complete = True
         return plan
-    states = {s.part: s for s in part_states(pool, folder, queue)}
-    shards = [i for i in range(pool.shards) if states[folder.shard_id(i, pool.shards)].state not in ("complete", "queued")]
-    merge = states[MERGE_ID]
-    plan.to_submit = [folder.shard_id(i, pool.shards) for i in shards] + ([] if merge.state == "queued" and not shards else [MERGE_ID])
-    if merge.state == "queued" and not shards:
-        plan.merge_job = merge.job_id
-        return plan
-    if dry_run:
-        return plan
+    with contextlib.ExitStack() as held:
+        book = None if dry_run else held.enter_context(manifest.held(folder.path))
+        queued = queue(manifest.recorded_jobs(folder.path)) if queue is not None else None
+        states = {s.part: s for s in part_states(pool, folder, queued)}
+        shards = [i for i in range(pool.shards) if states[folder.shard_id(i, pool.shards)].state not in ("complete", "queued")]
+        merge = states[MERGE_ID]
+        plan.to_submit = [folder.shard_id(i, pool.shards) for i in shards] + ([] if merge.state == "queued" and not shards else [MERGE_ID])
+        if merge.state == "queued" and not shards:
+            plan.merge_job = merge.job_id
+            return plan
+        if dry_run:
+            return plan
+        _submit(pool, folder, options, shards, states, book, plan)
+    plan.complete = folder.complete()
+    return plan
+
+
+def _submit(pool: Pool, folder: PoolFolder, options: launch.LaunchOptions, shards: list[int], states: dict,
+            book: manifest.Book, plan: PoolPlan) -> None:
+    """Submit the missing shards (one array) and the merge after every shard, recording each."""
     write_spec(pool, folder)
     log_folder = folder.path / LOGS_DIRNAME
+    merge = states[MERGE_ID]
     blocked = [s.job_id for s in states.values() if s.state == "blocked" and s.job_id]
     queued_shards = [s.job_id for p, s in states.items() if p != MERGE_ID and s.state == "queued"]
     if merge.state == "queued":
         blocked.append(merge.job_id)  # it waits on shards that are resubmitted now: replace it
     if blocked:
         slurm.cancel(blocked)
-    jobs = {}
+    parts = {part: {"command": shard_command(folder, i, pool.shards)} for i, part in
+             ((i, folder.shard_id(i, pool.shards)) for i in range(pool.shards))} | {MERGE_ID: {"command": merge_command(folder)}}
+    record = manifest.submission_record(options.cluster, log_folder, {}, options.retries)
+
+    def keep(jobs: dict) -> None:
+        record["jobs"].update(manifest.job_ids(jobs))
+        plan.submitted.update(manifest.job_ids(jobs))
+        book.record(parts, record)
+
+    nodes = []
     if shards:
         params = launch.executor_parameters(ResourcesConfig(**pool.resources), options, f"nli_grpo_bootstrap_{pool.pool_id[:40]}")
-        executor = launch.make_executor(options.cluster, log_folder, params)
-        with executor.batch():
-            submitted = [executor.submit(launch.CellJob(shard_command(folder, i, pool.shards), str(folder.path), options.stop_timeout_s,
-                                                        pool.resources.get("cpus_per_task", 1), pool.resources.get("gpus_per_node", 0),
-                                                        options.retries, options.online))
-                         for i in shards]
-        jobs |= {folder.shard_id(i, pool.shards): job for i, job in zip(shards, submitted)}
+        nodes.append(launch.ArrayNode("the pool's shards", params, {
+            folder.shard_id(i, pool.shards): launch.CellJob(shard_command(folder, i, pool.shards), str(folder.path), options.stop_timeout_s,
+                                                           pool.resources.get("cpus_per_task", 1), pool.resources.get("gpus_per_node", 0),
+                                                           options.retries, options.online, exclusive=False)
+            for i in shards}, log_folder, keep))
     sequential = options.cluster != "slurm"  # submitit's local executors know no dependencies: wait here
-    if sequential:
-        _wait(jobs.values())
-    waits_on = [] if sequential else queued_shards + [str(job.job_id) for job in jobs.values()]
     params = launch.executor_parameters(MERGE_RESOURCES, options, "nli_grpo_bootstrap_merge",
-                                        dependency=f"afterok:{':'.join(waits_on)}" if waits_on else None)
-    executor = launch.make_executor(options.cluster, log_folder, params)
-    jobs[MERGE_ID] = executor.submit(launch.CellJob(merge_command(folder), str(folder.path), options.stop_timeout_s, 2, 0,
-                                                    options.retries, options.online))
+                                        dependency=f"afterok:{':'.join(queued_shards)}" if queued_shards and not sequential else None)
+    merge_node = launch.ArrayNode("the pool's merge", params, {MERGE_ID: launch.CellJob(
+        merge_command(folder), str(folder.path), options.stop_timeout_s, 2, 0, options.retries, options.online, exclusive=False)},
+        log_folder, keep, after=() if sequential or not shards else ("the pool's shards",))
     if sequential:
-        _wait([jobs[MERGE_ID]])
-    manifest.record_submission(folder.path, {part: {"command": shard_command(folder, i, pool.shards)} for i, part in
-                                             ((i, folder.shard_id(i, pool.shards)) for i in range(pool.shards))}
-                               | {MERGE_ID: {"command": merge_command(folder)}},
-                               manifest.submission_record(options.cluster, log_folder, jobs, options.retries))
-    plan.submitted = {part: str(job.job_id) for part, job in jobs.items()}
-    plan.complete = folder.complete()
-    plan.merge_job = None if sequential else plan.submitted[MERGE_ID]
-    return plan
+        for node in (*nodes, merge_node):
+            _wait(launch.submit_graph([node], options.cluster)[node.name].values())
+    else:
+        launch.submit_graph([*nodes, merge_node], options.cluster)
+        plan.merge_job = plan.submitted[MERGE_ID]
 
 
 def _wait(jobs) -> None:

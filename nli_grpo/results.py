@@ -14,11 +14,15 @@ A result document::
       "config": {...the fully resolved experiment config...},
       "versions": {"torch": ..., "transformers": ..., ...},
       "slurm": {"job_id": ..., "array_job_id": ..., "array_task_id": ..., "attempts": 1, ...},
+      "attempts": [{"attempt": 1, "started_at", "job_id", "model": {"path", "revision"},
+                    "train_data": null | {"sha256", "rows"}}, ...one per start, never overwritten],
       "adapter": null | "/path/evaluated" (nli_grpo.evaluate --adapter),
       "train": null | {"steps_done", "max_steps", "wall_time_s", "peak_memory_gb", "tokens_per_s",
                        "reward_first", "reward_last", "kl_last", "skipped_zero_advantage", ...},
       "eval": {"anli_r1": {"accuracy", "accuracy_strict", "unparseable_rate", "n", ...}, ...},
       "error": null | "what went wrong",
+      "failure": absent | {"exit_signal", "last_step_on_disk"} (killed by a signal) |
+                 {"write_failed": path, "reason", "error", "last_step_on_disk"} (disk full, quota),
       "created_at": ISO-8601, "updated_at": ISO-8601
     }
 """
@@ -29,11 +33,12 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from . import files
 
 SCHEMA_VERSION = 1
 TOOL = "nli_grpo"
@@ -78,10 +83,11 @@ def package_versions() -> dict[str, str | None]:
 def atomic_open(path: str | os.PathLike, mode: str = "w"):
     """Open `path` for writing so that readers see either the old file or the whole new one,
     never a part: the content goes to a temp file in the same folder, is fsynced, then renamed
-    over the target when the block succeeds (and removed when it fails)."""
+    over the target when the block succeeds (and removed when it fails). The file gets the mode
+    open() would give it (the umask), not mkstemp's 0600: see nli_grpo.files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = files.new_temp_file(path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from . import files
 from .config import ExperimentConfig
 from .layout import CellFolder
 from .models import eval_dtype, resolve_model_path, training_precision
@@ -62,6 +63,14 @@ def derived_memory_share(cfg: ExperimentConfig, purpose: str) -> float:
     from .grid import vllm_rollout_share
 
     return vllm_rollout_share(cfg, torch.cuda.get_device_properties(0).total_memory / 2**30)
+
+
+def colocated_vllm_gb(cfg: ExperimentConfig) -> float:
+    """GPU memory (GiB) the colocated rollout engine holds in its own process: its share of the
+    GPU, which vLLM fills with KV cache after weights and runtime. 0 on the CPU (host memory)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    return derived_memory_share(cfg, "rollout") * torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
 def _engine_dtype(cfg: ExperimentConfig, purpose: str) -> str:
@@ -131,12 +140,17 @@ def build_llm(cfg: ExperimentConfig, purpose: str, lora_rank: int | None):
         dtype_bytes = 2 if dtype in ("bfloat16", "float16") else 4
         kwargs["kv_cache_memory_bytes"] = vllm_cpu_kv_cache_bytes(cfg, purpose, max_len, dtype_bytes,
                                                                   psutil.virtual_memory().total)
+    if purpose == "rollout" and torch.cuda.is_available():
+        # The batch's needs, not vLLM's defaults, so that the share leaves room for the KV cache
+        # (the sweep's memory fit counts the same). Not on the CPU: there a seeded prefill must
+        # never be split over steps, which vLLM's own CPU budget ensures.
+        from .grid import vllm_rollout_limits
+
+        kwargs.update(vllm_rollout_limits(cfg, reused_for_eval=eval_reuses_rollout_engine(cfg)))
     if lora_rank is not None:
         kwargs.update(max_lora_rank=vllm_max_lora_rank(max(lora_rank, cfg.rollout.max_lora_rank or 0)), max_loras=1)
-    if cfg.model.quantization == "bnb4":
-        # vLLM quantises the bf16 checkpoint with bitsandbytes at load time, like the trainer.
-        kwargs["quantization"] = "bitsandbytes"
-    # AWQ: vLLM reads the checkpoint's quantization_config itself.
+    # AWQ: vLLM reads the checkpoint's quantization_config itself. bnb-4bit never comes here: vLLM
+    # 0.31+ has no bitsandbytes quantization (config validation refuses bnb4 with vLLM).
     log.info("starting vLLM (%s): %s", purpose, {k: v for k, v in kwargs.items() if k != "tokenizer"})
     return LLM(**kwargs)
 
@@ -172,6 +186,7 @@ def write_adapter(peft_model, state: dict, path: Path) -> int:
     path.mkdir(parents=True)
     save_file(state, str(path / "adapter_model.safetensors"))
     peft_model.peft_config["default"].save_pretrained(str(path))
+    files.follow_umask(path)  # safetensors writes 0600 whatever the umask
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
@@ -283,6 +298,7 @@ def make_vllm_trainer_class(base):
         def configure_rollout(self, cfg: ExperimentConfig) -> None:
             self.rollout_cfg = cfg
             self.llm = build_llm(cfg, purpose="rollout", lora_rank=cfg.lora.rank)
+            self.colocated_vllm_gb = colocated_vllm_gb(cfg)
             self.hot_swap = AdapterHotSwap(self.llm, CellFolder(cfg.output.dir).rollout_adapters)
             self.enable_importance_sampling(cfg)
 
@@ -314,10 +330,14 @@ def make_vllm_trainer_class(base):
             # TRL repeated each prompt num_generations times; a run of equal prompts (a group)
             # goes as one request with n samples, so vLLM handles the shared prompt once.
             runs = group_runs(prompt_ids) if SHARE_GROUP_PROMPTS else [(i, 1) for i in range(len(prompt_ids))]
+            # Seeded from the step (vLLM seeds a group's i-th sample with seed + i), not from the
+            # engine's generator, which a restarted job cannot restore: a resumed cell samples
+            # what the cell never stopped sampled.
+            seeds = group_seeds(self.rollout_cfg.seed, (3, self.state.global_step, self.accelerator.process_index), len(runs))
             params = [SamplingParams(
                 n=n, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, max_tokens=g.max_completion_length,
-                logprobs=0, repetition_penalty=1.0, skip_special_tokens=True,
-            ) for _, n in runs]
+                logprobs=0, repetition_penalty=1.0, skip_special_tokens=True, seed=seed,
+            ) for (_, n), seed in zip(runs, seeds)]
             outputs = self.rollout_generate([prompt_ids[first] for first, _ in runs], params)
             samples = [c for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]
             completion_ids = [list(c.token_ids) for c in samples]
@@ -456,6 +476,10 @@ class LookaheadSampler:
         """The prompts of each generation batch of `epoch`, in order (full batches only, as TRL)."""
         order, size = self.order(epoch), self.inner.batch_size
         return [order[i:i + size] for i in range(0, len(order) - size + 1, size)]
+
+    def set_epoch(self, epoch: int) -> None:
+        """transformers names the epoch it iterates next (a resumed trainer starts at a later one)."""
+        self.epochs_started = epoch
 
     def __iter__(self):
         # RepeatSampler.__iter__ with the epoch's order drawn through order()

@@ -6,7 +6,9 @@ shared by the evaluation job and by re-scoring of completions produced elsewhere
   them as wrong.
 - HANS sets (gold 0 entailment, 1 non-entailment): a completion predicts entailment only when it
   parses to entailment; neutral, contradiction and unparseable all predict non-entailment. Nothing
-  is dropped, so `accuracy == accuracy_strict`.
+  is dropped: `accuracy` is the authors' number (an unparseable completion is right on a
+  non-entailment example), and `accuracy_strict` counts unparseable completions wrong, as on the
+  3-way sets (a model that never answers scores 0 strictly, not the share of non-entailment).
 
 One eval entry of result.json (`score_benchmark`)::
 
@@ -113,14 +115,15 @@ def _scored_prediction(spec: BenchmarkSpec, answer: int) -> int:
 
 
 def _accuracies(golds, answers, predicted, examples: Iterable[int]) -> dict:
-    """Accuracy over `examples` (indices): correct / parsed, and correct / all. On HANS no
-    prediction is UNPARSEABLE, so both are correct / all there."""
+    """Accuracy over `examples` (indices) under the set's rule: correct / parsed (on HANS, where
+    no prediction is UNPARSEABLE, correct / all); and strict: correct and parsed / all."""
     examples = list(examples)
     n_correct = sum(predicted[i] == golds[i] for i in examples)
     n_counted = sum(predicted[i] != UNPARSEABLE for i in examples)
+    n_correct_parsed = sum(predicted[i] == golds[i] and answers[i] != UNPARSEABLE for i in examples)
     return {
         "accuracy": _ratio(n_correct, n_counted),
-        "accuracy_strict": _ratio(n_correct, len(examples)),
+        "accuracy_strict": _ratio(n_correct_parsed, len(examples)),
         "n": len(examples),
         "n_parsed": sum(answers[i] != UNPARSEABLE for i in examples),
         "n_correct": n_correct,
@@ -294,7 +297,7 @@ def format_entry(benchmark: str, entry: dict) -> str:
 
     if entry["scoring"] == HANS:
         rule = "HANS: only an entailment answer predicts entailment, nothing dropped"
-        strict_rule = "the same on HANS"
+        strict_rule = "unparseable = wrong, not non-entailment"
     else:
         rule, strict_rule = "paper: unparseable dropped", "unparseable = wrong"
     lines = [

@@ -104,8 +104,6 @@ def server_command(cfg: ExperimentConfig, model_path: str, port: int, devices: l
             command += ["--kv-cache-memory-bytes", str(kv_bytes)]
     if cfg.model.revision:
         command += ["--revision", cfg.model.revision]
-    if cfg.model.quantization == "bnb4":
-        command += ["--quantization", "bitsandbytes"]
     if cfg.rollout.enforce_eager:
         command.append("--enforce-eager")
     if cfg.model.trust_remote_code:
@@ -238,7 +236,13 @@ def serving(cfg: ExperimentConfig, run_dir: str | os.PathLike):
         raise RuntimeError(f"rollout.backend=vllm_server under torchrun needs the server started before the ranks "
                            f"({URL_ENV} is unset): launch the cell through a sweep (its job starts the server, then "
                            "torchrun), or start one yourself and set the variable")
-    server_gpus, training_gpus = split_devices(cfg, visible_devices())
+    visible = visible_devices()
+    if not visible and cfg.resources.gpus_per_node > 0:
+        # Else the server would start on vLLM's CPU backend and "train" for days at CPU speed.
+        raise RuntimeError(f"rollout.backend=vllm_server on a GPU cell (resources.gpus_per_node={cfg.resources.gpus_per_node}), "
+                           "but no GPU is visible here (nvidia-smi is missing or lists none): run the cell on a GPU node, "
+                           "or set resources.gpus_per_node=0 for a CPU run")
+    server_gpus, training_gpus = split_devices(cfg, visible)
     server = VLLMServer(cfg, server_gpus, Path(run_dir) / LOG_FILENAME)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     try:

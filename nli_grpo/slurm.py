@@ -27,23 +27,95 @@ class SlurmError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- parsing
-def parse_squeue(text: str) -> dict[str, str]:
+class JobState(str):
+    """A queued job's squeue state (compares as the state string: "RUNNING", "PENDING"...), with
+    its pending `reason` and, for a job that waits for a person rather than for resources, what
+    to do (`action`)."""
+
+    reason: str = ""
+    action: str = ""
+
+    def __new__(cls, state: str, reason: str = "", action: str = ""):
+        self = super().__new__(cls, state)
+        self.reason, self.action = reason, action
+        return self
+
+
+#: Pending reasons of a job that waits for a person, not for resources: what to do about it.
+#: Held jobs never start by themselves; the others cannot start until a limit or request changes.
+HELD_REASONS = {
+    "JobHeldUser": "held: `scontrol release {job}` lets it start",
+    "JobHeldAdmin": "held by an administrator: ask them to release it (`scontrol release {job}`)",
+    "job requeued in held state": "requeued and held: `scontrol release {job}` lets it start",
+    "launch failed requeued held": "its launch failed on the node and it was held: check the node, then "
+                                   "`scontrol release {job}`",
+}
+NEVER_RUNNABLE_PREFIXES = {
+    "QOSMax": "over a QOS limit it can never meet: ask for a QOS that allows it (--qos) or lower the request (--time, --gpus-per-node)",
+    "AssocMax": "over an association limit it can never meet: lower the request, or ask an administrator to raise the limit",
+    "PartitionTimeLimit": "asks for more time than the partition allows: cancel it and submit with a lower --time",
+    "PartitionNodeLimit": "asks for more nodes than the partition allows: cancel it and resubmit",
+    "ReqNodeNotAvail": "a node it needs is down, drained or reserved: it starts when the node returns (`sinfo -R`)",
+    "InvalidQOS": "its QOS is not allowed for your account: cancel it and submit with another --qos",
+    "InvalidAccount": "its account is not valid: cancel it and submit with another --account",
+    "BadConstraints": "no node has the features it asks for: cancel it and submit with another --constraint",
+}
+
+
+def pending_action(reason: str, job: str) -> str:
+    """What to do about a pending job that waits for a person rather than for resources ("" when
+    it simply waits its turn)."""
+    if reason in HELD_REASONS:
+        return HELD_REASONS[reason].format(job=job)
+    for prefix, action in NEVER_RUNNABLE_PREFIXES.items():
+        if reason.startswith(prefix):
+            return action
+    return ""
+
+
+def parse_squeue(text: str) -> dict[str, JobState]:
     """`squeue --noheader --array --format=%i|%T|%r` -> {job id (array tasks one by one, `123_4`):
-    state}, for the jobs still in the queue; a pending job whose dependency can never be satisfied
-    is BLOCKED (it will not run: the sweep cancels and replaces it)."""
+    JobState}, for the jobs still in the queue; a pending job whose dependency can never be
+    satisfied is BLOCKED (it will not run: the sweep cancels and replaces it)."""
     jobs = {}
     for line in text.splitlines():
         job, state, reason = (line.strip().split("|") + ["", ""])[:3]
         if state == "PENDING" and reason == "DependencyNeverSatisfied":
-            jobs[job] = BLOCKED
+            jobs[job] = JobState(BLOCKED, reason)
         elif state in QUEUED_STATES:
-            jobs[job] = state
+            jobs[job] = JobState(state, "" if reason == "None" else reason,
+                                 pending_action(reason, job) if state in ("PENDING", "REQUEUE_HOLD") else "")
     return jobs
 
 
 def parse_sacct(text: str) -> dict[str, str]:
-    """`sacct -X -n -P -o JobID,State` -> {job id: state} (`CANCELLED by 0` kept whole)."""
-    return dict(line.split("|", 1) for line in text.splitlines() if "|" in line)
+    """`sacct -X -n -P -o JobID,State` -> {job id: state} (`CANCELLED by 0` kept whole). An array
+    that ended before its tasks were split (cancelled while pending) is one line, `51_[0-1%2]`
+    or `51`: its tasks are listed one by one, and its base id stands for any task not listed."""
+    states = {}
+    for line in text.splitlines():
+        if "|" not in line:
+            continue
+        job, state = line.split("|", 1)
+        base, _, tasks = job.partition("_")
+        if tasks.startswith("["):
+            for task in _array_tasks(tasks.strip("[]").split("%")[0]):
+                states.setdefault(f"{base}_{task}", state)
+            states.setdefault(base, state)
+        else:
+            states[job] = state
+    return states
+
+
+def _array_tasks(ranges: str) -> list[int]:
+    """`0-3,5,7-9:2` -> the task ids."""
+    tasks = []
+    for part in ranges.split(","):
+        span, _, step = part.partition(":")
+        first, _, last = span.partition("-")
+        if first.isdigit():
+            tasks += range(int(first), int(last or first) + 1, int(step or 1))
+    return tasks
 
 
 def parse_partitions(text: str) -> tuple[list[str], str | None]:
@@ -83,6 +155,23 @@ def parse_max_array_size(text: str) -> int:
     return int(match.group(1)) if match else 1001
 
 
+def parse_submit_limits(assoc_text: str, qos_text: str) -> list[tuple[int, str]]:
+    """The limits on the jobs a user may have in the queue at once (pending or running; every
+    array task counts): `sacctmgr -n -P show assoc where user=U format=Account,Partition,MaxSubmit`
+    and `sacctmgr -n -P show qos Q format=Name,MaxSubmitPU` -> [(limit, what sets it)]."""
+    limits = []
+    for line in assoc_text.splitlines():
+        account, partition, max_submit = (line.split("|") + ["", ""])[:3]
+        if max_submit.strip().isdigit():
+            where = f"account {account}" + (f", partition {partition}" if partition else "")
+            limits.append((int(max_submit), f"the association limit MaxSubmitJobs of {where}"))
+    for line in qos_text.splitlines():
+        name, max_submit = (line.split("|") + [""])[:2]
+        if max_submit.strip().isdigit():
+            limits.append((int(max_submit), f"QOS {name}'s MaxSubmitJobsPerUser"))
+    return limits
+
+
 def parse_time_min(text: str) -> int:
     """Minutes from a Slurm time: `90`, `HH:MM:SS`, `MM:SS`, `D-HH`, `D-HH:MM[:SS]` (seconds round up)."""
     days, _, clock = text.rpartition("-")
@@ -112,13 +201,24 @@ def run_command(*args: str, timeout: float = 30) -> str:
     return done.stdout
 
 
-def queued_jobs() -> dict[str, str]:
-    """This user's jobs in the queue: job id (array tasks one by one) -> state."""
-    return parse_squeue(run_command("squeue", "--me", "--noheader", "--array", f"--format={SQUEUE_FORMAT}"))
+def queued_jobs(job_ids: list[str]) -> dict[str, JobState]:
+    """These jobs, whoever submitted them, while they are in the queue: job id (array tasks one by
+    one) -> JobState. SlurmError when the queue cannot be read (never "nothing is queued")."""
+    base = sorted({str(j).split("_")[0] for j in job_ids})
+    if not base:
+        return {}
+    try:
+        return parse_squeue(run_command("squeue", "--noheader", "--array", f"--jobs={','.join(base)}",
+                                        f"--format={SQUEUE_FORMAT}"))
+    except SlurmError as err:
+        if "Invalid job id specified" in str(err):  # a single job id that left the queue (and MinJobAge)
+            return {}
+        raise
 
 
 def accounting_states(job_ids: list[str]) -> dict[str, str]:
-    """Final sacct states (FAILED, CANCELLED by 0, OUT_OF_MEMORY...) of jobs; {} without accounting."""
+    """Final sacct states (FAILED, CANCELLED by 0, OUT_OF_MEMORY...) of jobs, array tasks one by
+    one (an array cancelled whole while pending under its base id too); {} without accounting."""
     if not job_ids:
         return {}
     base = sorted({j.split("_")[0] for j in job_ids})
@@ -132,6 +232,31 @@ def cancel(job_ids: list[str]) -> None:
     """Cancel jobs (e.g. ones blocked on a failed dependency, before they are replaced)."""
     if job_ids:
         run_command("scancel", *job_ids)
+
+
+def submit_room(qos: str | None, account: str | None = None) -> tuple[int | None, str]:
+    """How many more jobs this user may queue under the QOS / association submit limits, and the
+    limit that sets it: (None, "") when there is none, or accounting cannot be asked (sbatch
+    then decides). A job array over the limit is rejected whole, so arrays are cut to this."""
+    import getpass
+
+    user = getpass.getuser()
+    try:
+        assoc = run_command("sacctmgr", "-n", "-P", "show", "assoc", "where", f"user={user}",
+                            "format=Account,Partition,MaxSubmit,QOS,DefaultQOS")
+        rows = [line.split("|") for line in assoc.splitlines() if line.count("|") >= 4]
+        if account:
+            rows = [r for r in rows if r[0] == account]
+        qos = qos or next((r[4] for r in rows if r[4]), "") or "normal"
+        qos_text = run_command("sacctmgr", "-n", "-P", "show", "qos", qos, "format=Name,MaxSubmitPU")
+    except SlurmError:
+        return None, ""
+    room = []
+    for limit, what in parse_submit_limits("\n".join("|".join(r[:3]) for r in rows), qos_text):
+        scope = ["--qos", qos] if what.startswith("QOS") else []
+        queued = run_command("squeue", "--me", "--noheader", "--array", "--format=%i", *scope).split()
+        room.append((max(0, limit - len(queued)), f"{what} is {limit} and you have {len(queued)} job(s) queued"))
+    return min(room) if room else (None, "")
 
 
 def max_array_size() -> int:

@@ -4,12 +4,16 @@ One line per cell: its state, Slurm job, attempts, training steps done / max and
 a summary line. The state combines the queue (squeue for the job ids in the sweep's manifest) with
 the cell's result.json, so it works while jobs run and after they left the queue:
 
-    pending    queued, not started yet              running   running now
+    pending    queued, not started yet (the detail gives Slurm's reason, and what to do when it
+               cannot start by itself: a QOS limit it can never meet, a node that is down)
+    held       queued but held (`scontrol hold`, requeued held): it never starts until released
+    running    running now
     preempted  stopped by a signal after saving: waiting in the queue to resume (requeued), or
                not queued any more (rerun the sweep to resume it)
     complete   result.json says complete            failed    the run failed, or its job ended
                                                                without a final result
     missing    never submitted, or no trace of it
+    unknown    submitted, no result yet, and the queue could not be read (controller down?)
 
 The sweep launcher decides what to (re)submit from the same states (`queued` never, `complete`
 only with --force).
@@ -37,7 +41,7 @@ from . import results, slurm
 from .layout import POOL_SPEC_FILENAME, RESULT_FILENAME, CellFolder, PoolFolder
 from .trackers import wandb_sync_command
 
-STATES = ("pending", "running", "preempted", "blocked", "complete", "failed", "missing")
+STATES = ("pending", "held", "running", "preempted", "blocked", "complete", "failed", "unknown", "missing")
 #: Optimizer steps the recent reward and KL are averaged over, and the step rate is measured on.
 RECENT_STEPS = 10
 #: Seconds between two frames of --watch when none is given.
@@ -111,15 +115,23 @@ def cell_status(cell_id: str, run_dir: Path, job: tuple[str, str] | None, queue:
     doc = results.load_existing(folder.result)
     job_id, cluster = job or (None, None)
     in_queue = (queue or {}).get(job_id) if cluster == "slurm" else None
+    end_state = _end_state(ended or {}, job_id)
     status = (doc or {}).get("status")
     steps, max_steps = _steps(doc, folder)
     line = CellStatus(cell_id, "missing", bool(in_queue), job_id, ((doc or {}).get("slurm") or {}).get("attempts"),
                       steps, max_steps, (doc or {}).get("updated_at"))
     if in_queue == slurm.BLOCKED:
         line.state, line.queued, line.detail = "blocked", False, blocked_detail(folder)
+    elif in_queue and status == "complete":  # its job still ends (COMPLETING, epilog): the cell is done
+        line.state = "complete"
     elif in_queue:
         line.state = "running" if in_queue in ("RUNNING", "COMPLETING") else ("preempted" if status == "preempted" else "pending")
         line.detail = in_queue.lower() if line.state == "preempted" else ""
+        reason, action = getattr(in_queue, "reason", ""), getattr(in_queue, "action", "")
+        if line.state != "running" and reason:
+            line.detail = ", ".join(filter(None, [line.detail, f"{reason}: {action}" if action else reason]))
+        if reason in slurm.HELD_REASONS:
+            line.state = "held"
     elif status in ("complete", "failed"):
         line.state, line.detail = status, (doc.get("error") or "") if status == "failed" else ""
     elif status == "preempted":
@@ -128,9 +140,12 @@ def cell_status(cell_id: str, run_dir: Path, job: tuple[str, str] | None, queue:
     elif status == "running":
         gone = cluster == "slurm" and queue is not None
         line.state = "failed" if gone else "running"
-        line.detail = f"job {job_id} left the queue while running (killed? see its log)" if gone else ""
-    elif job_id and (ended or {}).get(job_id, "").startswith(_ENDED_BADLY):
-        line.state, line.detail = "failed", f"job {job_id} {ended[job_id].lower()} before writing a result"
+        how = f"sacct: {end_state}" if end_state else "killed?"
+        line.detail = f"job {job_id} left the queue while running ({how}; see its log)" if gone else ""
+    elif job_id and end_state.startswith(_ENDED_BADLY):
+        line.state, line.detail = "failed", f"job {job_id} {end_state.lower()} before writing a result"
+    elif job_id and cluster == "slurm" and queue is None:
+        line.state, line.detail = "unknown", f"job {job_id}: the Slurm queue could not be read"
     if line.state in ("running", "preempted") and max_steps is not None:
         progress = train_progress(folder)
         if line.state == "running":  # further than its last checkpoint (a preempted cell resumes from that)
@@ -140,6 +155,14 @@ def cell_status(cell_id: str, run_dir: Path, job: tuple[str, str] | None, queue:
             line.time_left_s = max(0, max_steps - (line.steps_done or 0)) * line.seconds_per_step
     line.wandb_sync = wandb_sync_command(folder)
     return line
+
+
+def _end_state(ended: dict, job_id: str | None) -> str:
+    """sacct's state of a job; an array task of an array cancelled whole while pending has none of
+    its own: its array's (slurm.parse_sacct)."""
+    if not job_id:
+        return ""
+    return ended.get(job_id) or ended.get(job_id.split("_")[0], "")
 
 
 def blocked_detail(folder: CellFolder) -> str:
@@ -158,11 +181,13 @@ def blocked_detail(folder: CellFolder) -> str:
 
 
 def sweep_status(sweep_dir: str | Path, cell_ids: list[str] | None = None,
-                 queue: Callable[[], dict] | None = None,
-                 accounting: Callable[[list], dict] | None = None) -> list[CellStatus]:
+                 queue: Callable[[list], dict] | None = None,
+                 accounting: Callable[[list], dict] | None = None, queue_required: bool = False) -> list[CellStatus]:
     """Status of every cell of a sweep folder: the manifest's cells, any cell folder with a result,
-    and `cell_ids` (cells about to be planned). `queue` / `accounting` ask Slurm (e.g.
-    slurm.queued_jobs / slurm.accounting_states); None, or a failing call, means result files alone."""
+    and `cell_ids` (cells about to be planned). `queue` / `accounting` ask Slurm about the
+    manifest's jobs (e.g. slurm.queued_jobs / slurm.accounting_states); None, or a failing call,
+    means result files alone (a submitted cell without a result is then `unknown`), unless
+    `queue_required` (the sweep deciding what to submit), where a failing call raises its SlurmError."""
     sweep_dir = Path(sweep_dir)
     manifest = manifests.read_manifest(sweep_dir)
     jobs = manifests.latest_jobs(manifest)
@@ -173,8 +198,10 @@ def sweep_status(sweep_dir: str | Path, cell_ids: list[str] | None = None,
     queued = ended = None
     if slurm_jobs and queue is not None:
         try:
-            queued = queue()
+            queued = queue(slurm_jobs)
         except slurm.SlurmError as err:
+            if queue_required:
+                raise
             print(f"warning: cannot read the Slurm queue ({err}); states come from result files only", file=sys.stderr)
     if slurm_jobs and accounting is not None:
         ended = accounting(slurm_jobs)
@@ -215,7 +242,8 @@ def print_status(name: str, lines: list[CellStatus], console=None) -> None:
     from rich.table import Table
 
     console = console or make_console()
-    colours = {"complete": "green", "failed": "red", "preempted": "yellow", "running": "cyan", "missing": "magenta"}
+    colours = {"complete": "green", "failed": "red", "preempted": "yellow", "running": "cyan", "missing": "magenta",
+               "held": "red", "unknown": "magenta"}
     table = Table(title=f"sweep {name}", show_lines=False)
     for column in ("cell", "state", "job", "attempts", "steps", "reward", "KL", "time left", "updated", "detail"):
         table.add_column(column, overflow="fold")
@@ -239,12 +267,13 @@ def print_pools(folders: list[PoolFolder], as_json: bool = False, console=None) 
 
     from .pool import folder_states
 
-    try:
-        queue = slurm.queued_jobs()
-    except slurm.SlurmError:
-        queue = None
     console = console or make_console()
     for folder in folders:
+        try:
+            queue = slurm.queued_jobs(manifests.recorded_jobs(folder.path))
+        except slurm.SlurmError as err:
+            queue = None
+            print(f"warning: cannot read the Slurm queue ({err}); states come from the pool's files only", file=sys.stderr)
         states = folder_states(folder, queue)
         if as_json:
             for state in states:

@@ -18,6 +18,7 @@ Exit codes: 0 submitted / nothing to do / dry run, 1 a submission failed, 2 refu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import shlex
 import sys
@@ -25,7 +26,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import launch, manifest, slurm, status
+from . import files, launch, manifest, slurm, status
 from .catalog import model_key
 from .config import ConfigError, ExperimentConfig
 from .grid import (
@@ -41,7 +42,7 @@ from .grid import (
     server_weights_gb,
 )
 from .job import config_for_run, conflicting_inputs
-from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, CellFolder
+from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, REPLACED_DIRNAME, CellFolder
 from .pool import Pool, describe_plan, ensure_pool
 from .pool import input_problems as pool_input_problems
 
@@ -284,15 +285,22 @@ def cells_waiting_for_pool(sweep: Sweep, args: argparse.Namespace, cells: list[P
 
 def results_dir_problem(sweep_dir: Path) -> str | None:
     """Why results cannot be written under sweep_dir (checked without creating anything)."""
+    if any(c in str(sweep_dir) for c in "%\\"):
+        return (f"results folder {sweep_dir} has a % or \\ in its path, which Slurm expands in the jobs' log paths "
+                "(%j, %A...): the jobs would die before writing a log; pass --results <a path without them>")
     existing = sweep_dir
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         return f"results folder {sweep_dir} cannot be created: {existing} is a file; pass --results <a folder you can write>"
-    import os
-
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"results folder {sweep_dir} is not writable ({existing} is read-only for you); pass --results <a folder you can write>"
+    # Another user's sweep can be rerun when its folder is writable by the group (README: A lab
+    # sharing a cache and results); cells to submit are checked in decide.
+    sweep_level = [existing]
+    if existing == sweep_dir:  # its files (manifest, its lock) and the folders every rerun writes into
+        sweep_level += [p for p in sweep_dir.iterdir() if p.is_file() or p.name in (LOGS_DIRNAME, REPLACED_DIRNAME)]
+    for path in sweep_level:
+        if problem := files.not_writable_problem(path, f"results folder {sweep_dir}", tree=False):
+            return f"{problem}; or pass --results <a folder you can write>"
     if existing == sweep_dir:
         try:
             tempfile.TemporaryFile(dir=sweep_dir).close()
@@ -301,30 +309,44 @@ def results_dir_problem(sweep_dir: Path) -> str | None:
     return None
 
 
-def decide(cells: list[PlannedCell], sweep_dir: Path, force: bool, queue=slurm.queued_jobs) -> None:
+def decide(cells: list[PlannedCell], sweep_dir: Path, force: bool, queue=slurm.queued_jobs,
+           force_command: str = "the same command with --force") -> None:
     """Set each valid cell's action from its status: queued cells are never submitted again,
     complete ones only with --force, everything else (failed, preempted, missing, blocked on a
     failed dependency) is submitted.
     Without a queue to ask (local runs), a cell whose result says running is left alone too.
-    A cell whose earlier run used other settings is refused: resuming its checkpoints under a
-    new config would mix two experiments (--force starts it afresh, the old run moved aside)."""
+    A cell whose earlier run (complete or not) used other settings is `changed` and refused:
+    its results are not the current declaration's, and resuming its checkpoints would mix two
+    experiments. `force_command` (the sweep's command line with --force) starts it afresh, the
+    old run moved aside."""
     valid = [c for c in cells if not c.problems]
-    states = {s.cell_id: s for s in status.sweep_status(sweep_dir, [c.cell_id for c in valid], queue=queue, accounting=None)}
+    states = {s.cell_id: s for s in status.sweep_status(sweep_dir, [c.cell_id for c in valid], queue=queue, accounting=None,
+                                                        queue_required=True)}  # a failed squeue refuses
     for cell in valid:
         state = states[cell.cell_id]
+        changed = changed_settings(cell)
         if state.queued:
             cell.action, cell.reason = "skip", f"{state.state} (job {state.job_id})"
+            if changed:  # its job runs the settings it was submitted with, not these
+                cell.problems.append(f"job {state.job_id} ({state.state}) runs other settings ({', '.join(changed)}); "
+                                     f"wait for it or cancel it (scancel {state.job_id}), then: {force_command}")
+        elif changed and not force:
+            cell.action, cell.reason = "changed", f"changed ({', '.join(changed)})"
+            cell.problems.append(f"its earlier run ({state.state}) used other settings ({', '.join(changed)}): its results "
+                                 "are not this declaration's. Rerun with the settings it was submitted with, or start it "
+                                 f"afresh (the old run moves to {sweep_dir / REPLACED_DIRNAME}/): {force_command}")
         elif state.state == "complete" and not force:
             cell.action, cell.reason = "skip", "complete"
         elif state.state == "running" and queue is None and not force:
             cell.action, cell.reason = "skip", "running (no queue to ask; --force if it died)"
-        elif (changed := changed_settings(cell)) and not force:
-            cell.problems.append(f"its earlier run used other settings ({', '.join(changed)}); rerun with the "
-                                 "settings it was submitted with, or --force to start it afresh")
         else:
-            cell.action, cell.reason = "submit", state.state + (" (--force)" if force and state.state != "missing" else "")
+            cell.action = "submit"
+            cell.reason = (f"changed ({', '.join(changed)})" if changed else state.state) + (
+                " (--force)" if force and state.state != "missing" else "")
             if state.state == "blocked":  # its job waits on one that failed: replace it
                 cell.blocked_job = state.job_id
+            if problem := files.not_writable_problem(cell.run_dir, "its folder"):  # another user's run
+                cell.problems.append(f"{problem}; or pass --results <a folder you can write>")
 
 
 def changed_settings(cell: PlannedCell) -> list[str]:
@@ -347,17 +369,25 @@ def print_plan(name: str, cells: list[PlannedCell], console) -> None:
         r = c.cfg.resources
         estimate = estimate_gpu_memory(c.cfg)
         fit = f"{estimate['total']}/{r.gpu_memory_gb} GB" if estimate else "— (CPU)"
+        if estimate and "vllm_kv_cache" in estimate:  # of the colocated engine's share
+            fit += f" (vLLM KV cache {estimate['vllm_kv_cache']} GB)"
         gpus = str(r.gpus_per_node)
         if served := server_gpus(c.cfg):  # the split of the job's GPUs, and the server's own fit
             gpus += f" ({served} vLLM server + {r.gpus_per_node - served} training)"
             fit = f"training {fit}, server {server_weights_gb(c.cfg)} GB weights/{server_memory_share(c.cfg) * r.gpu_memory_gb:.0f} GB"
-        action = "[red]invalid[/]" if c.problems else (f"[green]submit[/] ({c.reason})" if c.action == "submit" else f"skip: {c.reason}")
+        action = (f"[red]{c.reason}[/]" if c.action == "changed" else "[red]invalid[/]" if c.problems
+                  else f"[green]submit[/] ({c.reason})" if c.action == "submit" else f"skip: {c.reason}")
         table.add_row(c.cell_id, gpus, str(r.cpus_per_task), f"{r.mem_gb} GB", f"{r.timeout_min} min", fit, action)
     console.print(table)
 
 
 def run(sweep: Sweep, args: argparse.Namespace) -> int:
     """Plan, validate, show, and (unless --dry-run) submit; see the module docstring."""
+    with contextlib.ExitStack() as held:  # the manifest's lock, from reading the queue to the last record
+        return _run(sweep, args, held)
+
+
+def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     console = status.make_console()
     name = sweep.name + ("-smoke" if args.smoke else "")
     sweep_dir = Path(args.results).absolute() / name
@@ -380,19 +410,23 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     options = launch.LaunchOptions(cluster=args.cluster, partition=args.partition, account=args.account, qos=args.qos,
                                    constraint=args.constraint, array_parallelism=args.array_parallelism,
                                    retries=args.retries, online=args.online)
-    array_limit = 1001
+    array_limit, room, room_limit = 1001, None, ""
     try:
         if args.cluster == "slurm":
             facts = slurm.partition_facts(args.partition)
             options.partition, options.grace_time_s = facts["name"], facts["grace_time_s"]
             array_limit = slurm.max_array_size()
+            room, room_limit = slurm.submit_room(options.qos, options.account)
             for c in cells:
                 if c.cfg is not None:
                     c.problems += slurm.resource_problems(c.cfg.resources, facts)
+                    c.problems += [p for p in [launch.time_problem(c.cfg.resources.timeout_min, options)] if p]
         else:
             refusals += _local_gpu_problems(cells)
         if not refusals and not any(c.problems for c in cells):
-            decide(cells, sweep_dir, args.force, queue=slurm.queued_jobs if args.cluster == "slurm" else None)
+            book = None if args.dry_run else held.enter_context(manifest.held(sweep_dir))
+            decide(cells, sweep_dir, args.force, queue=slurm.queued_jobs if args.cluster == "slurm" else None,
+                   force_command=shlex.join(["python", f"sweeps/{sweep.name}.py", *args.argv, "--force"]))
     except slurm.SlurmError as err:
         refusals.append(str(err))
     print_plan(name, cells, console)
@@ -403,10 +437,14 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
                 console.print(f"[red]refused[/] {c.cell_id}: {problem}", soft_wrap=True)
         for problem in refusals:
             console.print(f"[red]refused:[/] {problem}", soft_wrap=True)
-        console.print(f"[red]Nothing submitted[/]: {len(invalid)} invalid cell(s)" + (f", {len(refusals)} other problem(s)" if refusals else "")
+        console.print(f"[red]Nothing submitted[/]: {len(invalid)} invalid or changed cell(s)" + (f", {len(refusals)} other problem(s)" if refusals else "")
                       + ". Fix them (or leave those cells out with --ranks/--quantizations/--models) and run again.")
         return 2
     todo = [c for c in cells if c.action == "submit"]
+    if room is not None and len(todo) > room:  # sbatch would reject an array over the limit whole
+        console.print(f"[yellow]submit limit:[/] {room_limit}: {room} of the {len(todo)} cells to submit fit now; run the same "
+                      "command again when jobs have left the queue, to submit the rest.", soft_wrap=True)
+        todo = todo[:room]
     waiting = cells_waiting_for_pool(sweep, args, cells)
     if waiting and (problems := pool_input_problems(sweep_pool(sweep, args), args.online)):
         for problem in problems:
@@ -419,8 +457,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     if waiting:
         try:
             pool_plan = ensure_pool(sweep_pool(sweep, args), args.results, options,
-                                    slurm.queued_jobs() if args.cluster == "slurm" else None, dry_run=args.dry_run)
-        except slurm.SlurmError as err:
+                                    slurm.queued_jobs if args.cluster == "slurm" else None, dry_run=args.dry_run)
+        except (slurm.SlurmError, launch.SubmissionError) as err:
             console.print(f"[red]error:[/] the pool could not be submitted: {err}. Nothing else was submitted.")
             return 1
         console.print(describe_plan(pool_plan), soft_wrap=True)
@@ -432,7 +470,8 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
         console.print(f"dry run: {len(todo)} of {len(cells)} cells would be submitted; nothing was.")
         return 0
     if not todo:
-        console.print(f"nothing to submit: every cell of {name} is complete or queued. Status: python -m nli_grpo.status {sweep_dir}")
+        everything = "" if room == 0 else f": every cell of {name} is complete or queued"
+        console.print(f"nothing to submit{everything}. Status: python -m nli_grpo.status {sweep_dir}")
         return 0
     if args.force:
         for c in todo:
@@ -441,11 +480,20 @@ def run(sweep: Sweep, args: argparse.Namespace) -> int:
     if replaced:  # pending forever on a failed dependency: replaced by the new submissions
         slurm.cancel(replaced)
     folder = sweep_dir / LOGS_DIRNAME
-    jobs, errors = launch.submit_cells(todo, options, folder, f"nli_grpo_{name}", array_limit)
     described = {c.cell_id: {"cell": cell_from_config(c.cfg), "run_dir": str(c.run_dir), "command": launch.train_command(c.run_dir)}
                  for c in cells if c.cfg is not None}
-    if jobs or not errors:
-        manifest.record_submission(sweep_dir, described, manifest.submission_record(args.cluster, folder, jobs, args.retries))
+    record = manifest.submission_record(args.cluster, folder, {}, args.retries)
+
+    def keep(queued: dict) -> None:  # each array, as soon as its sbatch returned
+        record["jobs"].update(manifest.job_ids(queued))
+        book.record(described, record)
+    try:
+        jobs, errors = launch.submit_cells(todo, options, folder, f"nli_grpo_{name}", array_limit, keep)
+    except KeyboardInterrupt:
+        console.print(f"[red]interrupted[/]: {len(record['jobs'])} of {len(todo)} cells were submitted, and are recorded in "
+                      f"{sweep_dir / MANIFEST_FILENAME}; run the same command again to submit the rest.")
+        return 130
+    held.close()  # the manifest is written: release its lock (a local run now waits for its jobs)
     arrays = sorted({str(j.job_id).split("_")[0] for j in jobs.values()})
     console.print(f"submitted {len(jobs)} of {len(todo)} cells ({args.cluster}: {', '.join(arrays)}); "
                   f"manifest {sweep_dir / MANIFEST_FILENAME}; logs {folder}")
@@ -576,7 +624,8 @@ def run_pool(sweep: PoolSweep, args: argparse.Namespace) -> int:
             facts = slurm.partition_facts(args.partition)
             options.partition, options.grace_time_s = facts["name"], facts["grace_time_s"]
             problems += slurm.resource_problems(ResourcesConfig(**pool.resources), facts)
-            queue = slurm.queued_jobs()
+            problems += [p for p in [launch.time_problem(ResourcesConfig(**pool.resources).timeout_min, options)] if p]
+            queue = slurm.queued_jobs(manifest.recorded_jobs(folder.path))
     except slurm.SlurmError as err:
         problems.append(str(err))
     if problems:
@@ -592,7 +641,12 @@ def run_pool(sweep: PoolSweep, args: argparse.Namespace) -> int:
         done = f"{part.done}/{part.total} chunks" if part.total else "—"
         table.add_row(part.part, part.state, part.job_id or "—", done, part.detail)
     console.print(table)
-    plan = ensure_pool(pool, args.results, options, queue, dry_run=args.dry_run)
+    try:
+        plan = ensure_pool(pool, args.results, options, slurm.queued_jobs if args.cluster == "slurm" else None, dry_run=args.dry_run)
+    except (slurm.SlurmError, launch.SubmissionError) as err:
+        console.print(f"[red]error:[/] {err}. What was queued before it is recorded; run the same command again to submit the rest.",
+                      soft_wrap=True)
+        return 1
     console.print(describe_plan(plan), soft_wrap=True)
     if args.dry_run and args.cluster == "slurm" and plan.to_submit:
         logs = folder.path / LOGS_DIRNAME

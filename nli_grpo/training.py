@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import results
+from . import files, results
 from .config import ConfigError, ExperimentConfig, importance_sampling_on
 from .layout import CellFolder, adapter_from_checkpoint, checkpoint_step, mark_checkpoint_complete
 from .process import StopRequest, is_main_process
@@ -40,9 +40,16 @@ class TrainOutcome:
     """The `train` block of result.json."""
 
 
-def peak_memory() -> dict:
+def peak_memory(colocated_vllm_gb: float = 0.0) -> dict:
+    """Peak memory of the training. On a GPU: this process's allocator peak plus what a colocated
+    vLLM engine holds in a process of its own (vLLM's engine core), which that allocator never
+    sees: its whole share (rollout.colocated_vllm_gb; its KV cache fills it). On a CPU: this
+    process's peak resident set."""
     if torch.cuda.is_available():
-        return {"peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3), "peak_memory_kind": "cuda_max_allocated"}
+        trainer = torch.cuda.max_memory_allocated() / 2**30
+        kind = "cuda_max_allocated+vllm_share" if colocated_vllm_gb else "cuda_max_allocated"
+        return {"peak_memory_gb": round(trainer + colocated_vllm_gb, 3), "peak_memory_kind": kind,
+                "trainer_peak_memory_gb": round(trainer, 3), "vllm_memory_gb": round(colocated_vllm_gb, 3)}
     # ru_maxrss is in KiB on Linux.
     return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "peak_memory_kind": "host_max_rss"}
 
@@ -93,9 +100,38 @@ def _trainer_callbacks(folder: CellFolder, keep: int, stop: StopRequest, attempt
     return [CompleteCheckpoints(), TrainLog(), StopOnSignal()]
 
 
+#: Name (without .pt) of the checkpoint file with TRL's generation cycle (per rank under torchrun).
+GENERATION_STATE = "generation_state"
+
+
+@functools.cache
+def epoch_aware(sampler_cls):
+    """`sampler_cls` (TRL's RepeatSampler) with transformers' `set_epoch`: epoch e is shuffled by
+    the e-th permutation of the sampler's seeded generator, as in a run never stopped, also when
+    iteration starts at epoch e. RepeatSampler draws one permutation per pass, and a resumed
+    trainer does not replay the passes of earlier epochs: epoch e would get epoch 0's order."""
+
+    class EpochAwareSampler(sampler_cls):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            self.generator = torch.Generator()
+            if self.seed is not None:
+                self.generator.manual_seed(self.seed)
+            for _ in range(self.epoch if self.shuffle else 0):  # the earlier epochs' permutations
+                torch.randperm(self.num_samples, generator=self.generator)
+            return super().__iter__()
+
+    EpochAwareSampler.__name__ = EpochAwareSampler.__qualname__ = f"EpochAware{sampler_cls.__name__}"
+    return EpochAwareSampler
+
+
 def make_trainer_class():
-    """GRPOTrainer plus what the paper does that TRL does not: the skip of zero-advantage updates
-    and the loss temperature (see `configure`)."""
+    """GRPOTrainer plus what the paper does that TRL does not: the skip of zero-advantage updates,
+    the loss temperature (see `configure`) and exact resume (`restore_generation_state`)."""
     from trl import GRPOTrainer
 
     class NLIGRPOTrainer(GRPOTrainer):
@@ -112,6 +148,21 @@ def make_trainer_class():
             self.skip_zero_advantage_steps = cfg.grpo.skip_zero_advantage_steps
             if cfg.grpo.loss_temperature is not None:
                 self.set_loss_temperature(cfg.grpo.loss_temperature)
+            self.keep_lora_weights_float32()
+
+        def keep_lora_weights_float32(self) -> None:
+            """Undo TRL's cast of the trainable (LoRA) weights to bf16 on 4-/8-bit bases (its
+            `is_loaded_in_4bit` branch in __init__, after QLoRA's recommendation) before train()
+            builds the optimizer: LoRA weights and AdamW's moments are float32 in every
+            quantization, as PEFT keeps them on bf16 and AWQ bases, so the quantization ablation
+            compares like with like (at lr 5e-6 many bf16 updates would round away). lora_A keeps
+            the bf16-rounded start TRL left (lora_B starts at 0)."""
+            model = self.model
+            if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+                return
+            for param in model.parameters():
+                if param.requires_grad and param.dtype != torch.float32:
+                    param.data = param.data.float()
 
         def set_loss_temperature(self, temperature: float) -> None:
             """Compute the loss's policy, old and reference log-probs at `temperature`. TRL 1.16
@@ -126,6 +177,41 @@ def make_trainer_class():
                     add_fused_lm_head(target, temperature=temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
                                       outputs=("log_probs", "entropy"))
             self.loss_temperature = temperature
+
+        # ------------------------------------------------------------------ exact resume
+        # What TRL keeps between optimizer steps and transformers does not checkpoint: the
+        # micro-step counter that decides when the next batch is generated, the generated batch
+        # a cycle of num_iterations x steps_per_generation micro-steps trains on, and the prompt
+        # order of epochs after the first. With them (and transformers' RNG states, and the
+        # rollout seeds derived from the step: rollout.py) a resumed cell takes the steps the
+        # cell never stopped would have taken, bit for bit (tests/test_resume.py).
+        def _generation_state_file(self, checkpoint) -> Path:
+            rank = self.accelerator.process_index
+            return Path(checkpoint) / (f"{GENERATION_STATE}_{rank}.pt" if self.accelerator.num_processes > 1 else f"{GENERATION_STATE}.pt")
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            # Every rank its own buffer (its slice of the batch); before on_save marks the
+            # checkpoint complete. At a cycle boundary the buffer is spent: not saved.
+            mid_cycle = self._step % (self.args.steps_per_generation * self.num_iterations) != 0
+            path = self._generation_state_file(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"step": self._step, "buffered_inputs": self._buffered_inputs if mid_cycle else None}, path)
+
+        def restore_generation_state(self, checkpoint) -> None:
+            """Take up TRL's generation cycle where `checkpoint` left it (call before train())."""
+            path = self._generation_state_file(checkpoint)
+            if not path.is_file():  # a checkpoint written before this file existed
+                log.warning("%s has no %s: a batch in flight is generated again (the resumed run is not the run "
+                            "never stopped)", checkpoint, path.name)
+                return
+            state = torch.load(path, map_location=self.accelerator.device, weights_only=False)
+            self._step, self._buffered_inputs = state["step"], state["buffered_inputs"]
+
+        def _get_train_sampler(self, dataset=None):
+            sampler = super()._get_train_sampler(dataset)
+            sampler.__class__ = epoch_aware(type(sampler))  # TRL's sampler, as TRL configured it, plus set_epoch
+            return sampler
 
         def _prepare_inputs(self, generation_batch):
             if self._prepared is not None:  # prepared by training_step for this very micro-batch
@@ -306,7 +392,14 @@ def prompt_dataset(cfg: ExperimentConfig, tokenizer):
                      "source": cfg.data.train_source, "fingerprint": pool_fingerprint}
 
 
-def train_summary(folder: CellFolder, steps_done: int, started: float, first_step: int, max_steps: int, data_info: dict) -> dict:
+def lora_dtype(dtypes) -> str:
+    """The adapter's precision for result.json's `train.lora_dtype`: "float32", or the dtypes
+    found joined by "+" when they are mixed."""
+    return "+".join(sorted({str(d).removeprefix("torch.") for d in dtypes}))
+
+
+def train_summary(folder: CellFolder, steps_done: int, started: float, first_step: int, max_steps: int, data_info: dict,
+                  colocated_vllm_gb: float = 0.0) -> dict:
     """The `train` block of result.json, from the training log (one record per optimizer step,
     the last attempt's where a restart replayed steps)."""
     rows = results.read_train_log(folder.train_log)
@@ -334,7 +427,7 @@ def train_summary(folder: CellFolder, steps_done: int, started: float, first_ste
         "kl_last": mean(rows[-tenth:], "kl"),
         "skipped_zero_advantage_steps": sum(r.get("skipped_zero_advantage") == 1.0 for r in rows),
         "data": data_info,
-        **peak_memory(),
+        **peak_memory(colocated_vllm_gb),
     }
 
 
@@ -358,7 +451,7 @@ def build_trainer(cfg: ExperimentConfig, stop: StopRequest, reward_funcs=None, a
     args = trl_args(cfg, folder.checkpoints)
     dtype = training_precision(cfg, torch.cuda.is_available())["dtype"]
     trainer = trainer_cls(
-        model=load_base_model(cfg.model, dtype, zero3=cfg.grpo.deepspeed == "zero3"),
+        model=load_base_model(cfg.model, dtype, zero3=cfg.grpo.deepspeed == "zero3", training=True),
         reward_funcs=reward_funcs or [nli_reward],
         args=args,
         train_dataset=dataset,
@@ -388,40 +481,53 @@ def train(cfg: ExperimentConfig, stop: StopRequest, attempt: int = 1, reward_fun
         log.info("%s is at grpo.max_steps=%d: no step left to train", resume, cfg.grpo.max_steps)
         if is_main_process():
             adapter_from_checkpoint(resume, folder.adapter)
-        return TrainOutcome(True, train_summary(folder, first_step, started, first_step, cfg.grpo.max_steps, {}))
+        from safetensors.torch import load_file
+
+        summary = train_summary(folder, first_step, started, first_step, cfg.grpo.max_steps, {})
+        summary["lora_dtype"] = lora_dtype(t.dtype for t in load_file(resume / "adapter_model.safetensors").values())
+        return TrainOutcome(True, summary)
     if resume:
         log.info("resuming from %s", resume)
 
     trainer, data_info = build_trainer(cfg, stop, reward_funcs, attempt=attempt)
-    tokenizer = trainer.processing_class
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    if resume:
+        trainer.restore_generation_state(resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     if hasattr(trainer, "close_rollout"):
         trainer.close_rollout()  # free vLLM's memory before the evaluation starts its engine
     steps = trainer.state.global_step
-    summary = train_summary(folder, steps, started, first_step, cfg.grpo.max_steps, data_info)
+    summary = train_summary(folder, steps, started, first_step, cfg.grpo.max_steps, data_info,
+                            colocated_vllm_gb=getattr(trainer, "colocated_vllm_gb", 0.0))
+    summary["lora_dtype"] = lora_dtype(p.dtype for p in trainer.model.parameters() if p.requires_grad)
     if steps < cfg.grpo.max_steps:
         if not stop.is_set():
             raise RuntimeError(f"training ended at step {steps} of {cfg.grpo.max_steps} without a stop request")
         return TrainOutcome(False, summary)
+    # Every rank: under ZeRO-3 gathering the sharded LoRA weights is a collective (the trainer's
+    # own save, as for its checkpoints); the main process writes the adapter and the tokenizer.
+    trainer.save_model(str(folder.adapter))
     if trainer.accelerator.is_main_process:
-        trainer.model.save_pretrained(folder.adapter)
-        tokenizer.save_pretrained(folder.adapter)
+        files.follow_umask(folder.adapter)  # safetensors writes the weights 0600 whatever the umask
     _release(trainer)
     return TrainOutcome(True, summary)
 
 
 def _release(trainer) -> None:
-    """Give back the trainer's GPU memory (model, optimizer, allocator cache) before evaluation
-    starts a vLLM engine that checks how much memory is free."""
+    """Give back the trainer's GPU memory before evaluation starts a vLLM engine that checks how
+    much memory is free: every reference to the model, its optimizer and lr schedule (the
+    trainer's, accelerate's, the callback handler's; a DeepSpeed engine holds all three), then the
+    reference cycles (TRL binds the model's forward onto it), then the allocator's cache."""
     import gc
 
-    trainer.accelerator.free_memory()
-    trainer.model = trainer.model_wrapped = trainer.optimizer = None
+    trainer.accelerator.free_memory()  # accelerate's lists of prepared models, optimizers, schedulers, engine
+    handler = trainer.callback_handler
+    handler.model = handler.optimizer = handler.lr_scheduler = handler.train_dataloader = handler.eval_dataloader = None
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    trainer.deepspeed = trainer.ref_model = None
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
 
 

@@ -62,23 +62,25 @@ def describe() -> dict:
     return {"version": WARM_START_VERSION, "source": SOURCE, "think": THINK, **SFT_SETTINGS}
 
 
-def warm_start(base: str | Path, out: str | Path, seed: int = 0) -> None:
+def warm_start(base: str | Path, out: str | Path, seed: int = 0, **settings) -> None:
     """Fine-tune the model in folder `base` (weights and tokenizer) on `sft_records()`, all
     weights, in float32 on the CPU, and save it with its tokenizer into folder `out`. The loss is
     on the completion only (TRL's default for prompt-completion data), and the chat template ends
-    each target with the end-of-turn token, so the model also learns to stop."""
+    each target with the end-of-turn token, so the model also learns to stop. `settings` replace
+    some of SFT_SETTINGS (a real pretrained model needs fewer steps at a smaller rate)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    settings = {**SFT_SETTINGS, **settings}
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     with tempfile.TemporaryDirectory(prefix="nli_grpo_sft.") as scratch:
         args = SFTConfig(
-            output_dir=scratch, **SFT_SETTINGS, warmup_steps=0, weight_decay=0.0, seed=seed, data_seed=seed,
+            output_dir=scratch, **settings, warmup_steps=0, weight_decay=0.0, seed=seed, data_seed=seed,
             use_cpu=True, bf16=False, fp16=False, max_length=None, save_strategy="no", report_to="none",
-            logging_steps=SFT_SETTINGS["max_steps"], disable_tqdm=True, dataloader_num_workers=0,
+            logging_steps=settings["max_steps"], disable_tqdm=True, dataloader_num_workers=0,
         )
         SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_records()), processing_class=tokenizer).train()
     model.save_pretrained(out)

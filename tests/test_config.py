@@ -122,6 +122,10 @@ INVALID = {
     "awq on a non-AWQ checkpoint": (["model.name_or_path=Qwen/Qwen2.5-7B-Instruct"], ["model.quantization=awq", "AWQ checkpoint", "Qwen/Qwen2.5-7B-Instruct"]),
     "colocated vllm on two GPUs": (["resources.gpus_per_node=2"], ["rollout.backend=vllm", "gpus_per_node=2", "rollout.backend=vllm_server"]),
     "unknown target module": (["lora.target_modules=[q_proj,qkv]"], ["lora.target_modules", "qkv", "down_proj"]),
+    "stale batches without the importance-sampling correction": (
+        ["rollout.backend=vllm_server", "resources.gpus_per_node=2", "rollout.max_staleness=1",
+         "rollout.importance_sampling_correction=false"],
+        ["rollout.max_staleness=1", "rollout.importance_sampling_correction"]),
 }
 
 

@@ -157,13 +157,14 @@ def test_missing_column_is_a_schema_error_naming_it(tmp_path):
         load_benchmark("snli", local_dir=tmp_path, hub=False)
 
 
-def test_limit_takes_the_first_rows_after_filtering(tmp_path):
+def test_limit_samples_after_filtering_and_a_training_source_limit_takes_the_first_rows(tmp_path):
     rows = [{"premise": f"P{i}", "hypothesis": "H", "label": label}
             for i, label in enumerate([-1, 0, 1, 2, 0])]
     write_jsonl(tmp_path / "snli.jsonl", rows)
     loaded = load_benchmark("snli", local_dir=tmp_path, hub=False, limit=2)
-    assert loaded.dataset["id"] == ["snli-1", "snli-2"]
-    assert loaded.n_dropped == 1
+    assert len(loaded) == 2 and loaded.n_dropped == 1 and 0 in loaded.dataset["label"]  # the largest label share
+    write_jsonl(tmp_path / "anli_train_r1.jsonl", rows[1:])
+    assert load_train_source("anli_train_r1", local_dir=tmp_path, hub=False, limit=2).dataset["premise"] == ["P1", "P2"]
     with pytest.raises(ValueError, match="limit"):
         load_benchmark("snli", local_dir=tmp_path, hub=False, limit=0)
 
@@ -470,3 +471,76 @@ def test_original_files_are_recognised_by_name_and_by_columns(tmp_path, original
     renamed.parent.mkdir()
     renamed.write_text((original_files / "hans" / "heuristics_evaluation_set.txt").read_text())
     assert data.recognise(renamed, renamed.parent) == "hans"
+
+
+# The authors' TSV readers, each with the columns of its original file; a row's premise is
+# the only field that varies. Counter-NLI's row is the authors' own (revised_combined/test.tsv).
+POLITIE = 'Two uniformed women, wearing jackets saying "Politie" on the back, are looking at each other in front of a crowd.'
+TSV_READERS = {
+    "counter_nli": ("counterfactually-augmented-data/NLI/revised_combined/test.tsv",
+                    ["sentence1", "sentence2", "gold_label"], lambda premise: [premise, "The women are wearing bikinis", "contradiction"]),
+    "hans_lexical_overlap": ("hans/heuristics_evaluation_set.txt",
+                             ["gold_label", "sentence1_binary_parse", "sentence2_binary_parse", "sentence1_parse",
+                              "sentence2_parse", "sentence1", "sentence2", "pairID", "heuristic", "subcase", "template"],
+                             lambda premise: ["non-entailment", "( x )", "( x )", "(ROOT x)", "(ROOT x)", premise,
+                                              "The women looked .", "ex0", "lexical_overlap", "ln_passive", "temp1"]),
+    "diag_knowledge": ("glue/diagnostic-full.tsv",
+                       ["Lexical Semantics", "Predicate-Argument Structure", "Logic", "Knowledge", "Domain", "Premise",
+                        "Hypothesis", "Label"],
+                       lambda premise: ["", "", "", "World knowledge", "News", premise, "Police are there.", "entailment"]),
+}
+
+
+@pytest.mark.parametrize("name", list(TSV_READERS))
+def test_tsv_readers_take_csv_quoting_and_keep_raw_quotes_as_text(tmp_path, name):
+    """Kaushik et al. wrote their TSVs with a CSV writer (a field holding a quote is enclosed in
+    quotes, inner quotes doubled: 12 premises of Counter-NLI's test.tsv); HANS and GLUE wrote
+    theirs raw. Either way every reader gives the text as its authors meant it."""
+    path, header, row = TSV_READERS[name]
+    quoted = tmp_path / "quoted" / path
+    quoted.parent.mkdir(parents=True)
+    csv_field = '"' + POLITIE.replace('"', '""') + '"'
+    quoted.write_text("\n".join("\t".join(line) for line in [header, row(csv_field), row("A plain premise .")]) + "\n")
+    loaded = load_benchmark(name, local_dir=tmp_path / "quoted", hub=False).dataset
+    assert loaded["premise"] == [POLITIE, "A plain premise ."]
+
+    raw = tmp_path / "raw" / path  # quotes as text, one opening a field
+    raw.parent.mkdir(parents=True)
+    texts = ['"Politie" is written on their jackets .', 'They wear "Politie" jackets .']
+    raw.write_text("\n".join("\t".join(line) for line in [header, *map(row, texts)]) + "\n")
+    assert load_benchmark(name, local_dir=tmp_path / "raw", hub=False).dataset["premise"] == texts
+
+
+def test_counter_nli_quoted_rows_have_the_fingerprint_of_a_correct_copy(tmp_path, original_files):
+    """The Politie row as Counter-NLI's file holds it reads as the hub's copy does."""
+    path = original_files / "counterfactually-augmented-data" / "NLI" / "revised_combined" / "test.tsv"
+    with path.open("a") as f:
+        f.write('"' + POLITIE.replace('"', '""') + '"\tThe women are wearing bikinis\tcontradiction\n')
+    from_original = load_benchmark("counter_nli", local_dir=original_files, hub=False).dataset
+    assert from_original["premise"][-1] == POLITIE
+    rows = [{"premise": "A woman is walking her dog in the snow.", "hypothesis": "A woman is inside with her pet.", "label": 2},
+            {"premise": "A woman is walking her dog in a mall.", "hypothesis": "A woman is inside with her pet.", "label": 0},
+            {"premise": POLITIE, "hypothesis": "The women are wearing bikinis", "label": 2}]  # the hub's schema
+    write_jsonl(tmp_path / "counter_nli.jsonl", rows)
+    assert data.fingerprint(load_benchmark("counter_nli", local_dir=tmp_path, hub=False).dataset) == data.fingerprint(from_original)
+
+
+def test_a_limit_is_a_seeded_sample_that_keeps_label_and_subcase_proportions(tmp_path):
+    """HANS files are ordered by subcase (the first rows all one label): `limit` must not take
+    the first N rows, but the same N rows every time, each subcase (and label) in its share."""
+    subcases = [("le_a", 0), ("le_b", 0), ("ln_a", 1), ("ln_b", 1)]
+    write_jsonl(tmp_path / "hans.jsonl", [
+        {"premise": f"{sub} premise {i} .", "hypothesis": "H .", "label": label, "heuristic": "lexical_overlap", "subcase": sub}
+        for sub, label in subcases for i in range(10)])
+    sample = load_benchmark("hans_lexical_overlap", local_dir=tmp_path, hub=False, limit=8).dataset
+    assert sorted(sample["subcase"]) == ["le_a", "le_a", "le_b", "le_b", "ln_a", "ln_a", "ln_b", "ln_b"]
+    assert sample["id"] == load_benchmark("hans_lexical_overlap", local_dir=tmp_path, hub=False, limit=8).dataset["id"]
+    assert sample["premise"] != [f"le_a premise {i} ." for i in range(8)]  # not the first rows
+    ids = sample["id"]
+    assert ids == sorted(ids, key=lambda x: int(x.rsplit("-", 1)[1]))  # in the file's order
+
+    write_jsonl(tmp_path / "snli.jsonl", [{"premise": f"P{label}{i}.", "hypothesis": "H.", "label": label}
+                                          for label, count in ((0, 12), (1, 6), (2, 3)) for i in range(count)])
+    labels = load_benchmark("snli", local_dir=tmp_path, hub=False, limit=7).dataset["label"]
+    assert sorted(labels) == [0, 0, 0, 0, 1, 1, 2]  # 12:6:3 of 21 -> 4:2:1 of 7
+    assert len(load_benchmark("snli", local_dir=tmp_path, hub=False, limit=50)) == 21

@@ -53,9 +53,9 @@ def test_every_set_scores_exactly_as_the_protocol_says(tmp_path):
         n = len(ds)
         unparseable = len(range(0, n, 4))
         right = sum(1 for i in range(n) if i % 4 >= 2)
-        if hans:  # an unparseable answer counts as non-entailment: right when the gold is 1
-            right += sum(1 for i in range(0, n, 4) if ds["label"][i] == 1)
-            expected[name] = (round(right / n, 6), round(right / n, 6))
+        if hans:  # an unparseable answer counts as non-entailment (right when the gold is 1), but not strictly
+            lenient = right + sum(1 for i in range(0, n, 4) if ds["label"][i] == 1)
+            expected[name] = (round(lenient / n, 6), round(right / n, 6))
         else:     # unparseable answers leave numerator and denominator
             expected[name] = (round(right / (n - unparseable), 6), round(right / n, 6))
     block = evaluate(cfg, adapter=None, generator=generator)

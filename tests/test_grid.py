@@ -49,7 +49,8 @@ def test_capability_matrix_refuses_awq_on_a_cpu_node_and_bnb4_without_bitsandbyt
     assert capability_problems(awq_cpu) == [
         f"model.quantization=awq needs {grid.CAPABILITIES['awq']}; this cell asks for resources.gpus_per_node=0"]
     monkeypatch.setattr(grid, "_installed", lambda module: module != "bitsandbytes")
-    bnb4 = config_for_run("paper", ["model.name_or_path=Qwen/Qwen2.5-7B-Instruct", "model.quantization=bnb4"])
+    bnb4 = config_for_run("paper", ["model.name_or_path=Qwen/Qwen2.5-7B-Instruct", "model.quantization=bnb4",
+                                    "rollout.backend=hf", "eval.backend=hf"])
     assert capability_problems(bnb4) == ["model.quantization=bnb4 needs bitsandbytes installed in the job's environment: pip install bitsandbytes"]
 
 

@@ -226,3 +226,95 @@ def test_a_step_that_fails_after_a_stop_signal_is_a_preemption_and_the_rerun_com
             signal.signal(sig, handler)
     doc = results.read_result(out / "result.json")
     assert doc["status"] == "complete" and doc["train"]["steps_done"] == 10 and doc["train"]["resumed_from_step"] == saved > 0
+
+
+@pytest.fixture
+def tiny_file_system(tmp_path):
+    """A real file system too small for a smoke checkpoint: a 400 KB tmpfs (mounting needs root,
+    as CI runs; a checkpoint of the tiny model takes about 550 KB)."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    folder = tmp_path / "full"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_fails_the_cell_with_the_path_and_is_no_preemption(tiny_file_system, caplog):
+    """A checkpoint that does not fit (here the save after USR2, which used to count as a
+    preemption and be requeued forever) ends the cell as failed: result.json and the job log
+    name what could not be written and why; the half-written checkpoint is removed."""
+    import os
+
+    from nli_grpo.job import config_for_run, run
+
+    def stop_after_the_first_step(completions, **_):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return [float(i % 2) for i in range(len(completions))]
+
+    out = tiny_file_system / "run"
+    cfg = config_for_run("smoke", ["grpo.max_steps=2", "grpo.completions_per_step=4", "grpo.num_iterations=1",
+                                   "grpo.max_completion_length=8", "grpo.save_steps=100", "eval.after_training=false"], str(out))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        code = run(cfg, reward_funcs=[stop_after_the_first_step])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert code not in (0, EXIT_PREEMPTED)
+    doc = results.read_result(out / "result.json")
+    assert doc["status"] == "failed" and "No space left on device" in doc["error"] and "MiB free" in doc["error"]
+    assert doc["failure"]["write_failed"].startswith(str(out / "checkpoints" / "checkpoint-1"))
+    assert "rerun the same command" in doc["error"]
+    assert not list((out / "checkpoints").glob("checkpoint-*"))  # nothing half-written is left to resume from
+    assert any(r.levelname == "ERROR" and str(out / "checkpoints" / "checkpoint-1") in r.getMessage() for r in caplog.records)
+
+
+def test_each_attempt_keeps_its_inputs_and_a_resume_on_other_data_or_weights_is_refused(tmp_path):
+    """Re-preparing the cache under the same settings (another pool, another model commit) must
+    not let a resumed cell mix two experiments: every attempt records its model revision and
+    training-data fingerprint, and a resume whose inputs differ from the first attempt's is
+    refused as changed settings are."""
+    import os
+
+    from nli_grpo.data import samples_dir
+    from nli_grpo.job import RunConflict, config_for_run, run
+
+    def stop_after_the_first_step(completions, **_):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return [float(i % 2) for i in range(len(completions))]
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pool = data / "anli_train_r1.jsonl"
+    shutil.copy(samples_dir() / "anli_train_r1.jsonl", pool)
+    out = tmp_path / "run"
+    cfg = config_for_run("smoke", ["grpo.max_steps=2", "grpo.completions_per_step=4", "grpo.num_iterations=1",
+                                   "grpo.max_completion_length=8", "grpo.save_steps=100", "eval.after_training=false",
+                                   f"data.local_dir={data}"], str(out))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        assert run(cfg, reward_funcs=[stop_after_the_first_step]) == EXIT_PREEMPTED
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    [first] = results.read_result(out / "result.json")["attempts"]
+    assert first["attempt"] == 1 and first["train_data"]["rows"] == 48 and len(first["train_data"]["sha256"]) == 64
+    assert set(first["model"]) >= {"path", "revision"}
+
+    pool.write_text("".join(pool.read_text().splitlines(keepends=True)[:-1]))  # the pool prepared again: a row less
+    with pytest.raises(RunConflict, match=r"other settings \(training data\)"):
+        run(cfg)
+    doc = results.read_result(out / "result.json")
+    assert doc["status"] == "preempted" and len(doc["attempts"]) == 1  # refused before anything was written
+
+    shutil.copy(samples_dir() / "anli_train_r1.jsonl", pool)
+    doc["attempts"][0]["model"]["revision"] = "0123abc"  # as if the first attempt ran on another commit
+    results.atomic_write_json(out / "result.json", doc)
+    with pytest.raises(RunConflict, match=r"other settings \(model revision\)"):
+        run(cfg)

@@ -1,6 +1,7 @@
 """The launcher without a Slurm cluster: the sbatch script submitit would write (vs a golden file),
 executor parameters, and CellJob with real child processes: USR2 forwarded to the training ranks
 only, deaths by signal recorded and retried, errors not."""
+import json
 import os
 import pickle
 import signal
@@ -273,3 +274,37 @@ def test_usr2_in_server_mode_saves_stops_the_server_and_the_rerun_completes(tmp_
     assert doc["train"]["steps_done"] == 16 and doc["train"]["resumed_from_step"] == stopped_at
     assert (run_dir / "vllm_server.log").read_text().count("Application startup complete") == 2  # a fresh one
     assert _engine_processes(restarted) == [] and _engine_processes(started) == []
+
+
+def test_a_cell_lock_of_a_live_process_refuses_and_a_dead_ones_is_taken_over(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    lock = tmp_path / launch.CELL_LOCK_FILENAME
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(json.dumps({"job": None, "host": socket.gethostname(), "pid": dead.pid, "since": "earlier"}))
+    with launch.cell_lock(tmp_path):  # its holder died (killed, no cleanup): stale
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(launch.CellBusy, match=f"is being trained by job \\? .*pid {os.getpid()}"):
+            with launch.cell_lock(tmp_path):
+                pass
+        assert lock.is_file()  # the refused one touched nothing
+    assert not lock.exists() and list(tmp_path.glob(f"{launch.CELL_LOCK_FILENAME}.stale-*"))
+
+
+def test_a_ctrl_c_during_a_submission_keeps_the_record_of_what_was_queued(tmp_path):
+    """Ctrl-C arrives while the first array is being queued: it is recorded all the same, the
+    second is never submitted, and the interrupt then reaches the caller."""
+    recorded = []
+
+    def record(jobs):
+        if not recorded:
+            os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, while the first array is being recorded
+        recorded.append(sorted(jobs))
+    nodes = [launch.ArrayNode(name, {"timeout_min": 30}, {f"{name}-cell": print}, tmp_path, record) for name in ("first", "second")]
+    with pytest.raises(KeyboardInterrupt):
+        launch.submit_graph(nodes, "debug")
+    assert recorded == [["first-cell"]]

@@ -138,7 +138,7 @@ def test_lora_alpha_when_set():
     ("paper", ["model.name_or_path=Qwen/Qwen2.5-32B-Instruct-AWQ"]),
     ("lora_rank", []),                                                      # the unquantised 7B of the rank ablation
     ("lora_rank", ["model.name_or_path=Qwen/Qwen2.5-7B-Instruct-AWQ", "model.quantization=awq"]),
-    ("lora_rank", ["model.quantization=bnb4"]),
+    ("lora_rank", ["model.quantization=bnb4", "rollout.backend=hf", "eval.backend=hf"]),
 ])
 def test_paper_recipes_train_like_the_authors_fp16_weights_under_bf16_autocast(recipe, overrides):
     """The authors' configs/grpo/base.yaml: every base loaded in float16, training under bf16

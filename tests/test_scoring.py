@@ -119,8 +119,9 @@ HANS_SUBCASES = ["s_ent", "s_ent", "s_ent", "s_non1", "s_non1", "s_non1", "s_non
 def test_hans_counts_neutral_contradiction_unparseable_as_non_entailment():
     entry = score_benchmark("hans_lexical_overlap", HANS_GOLDS, HANS_COMPLETIONS)
     assert entry["scoring"] == "hans"
-    # 5 of 8 correct, nothing dropped (dropping the 2 unparseable would give 4/6 = 0.666667)
-    assert entry["accuracy"] == entry["accuracy_strict"] == 0.625
+    # 5 of 8 correct, nothing dropped (dropping the 2 unparseable would give 4/6 = 0.666667);
+    # strictly the unparseable #5 is wrong: 4 of 8
+    assert (entry["accuracy"], entry["accuracy_strict"]) == (0.625, 0.5)
     assert entry["n"] == 8
     assert entry["n_parsed"] == 6
     assert entry["unparseable_rate"] == 0.25
@@ -137,12 +138,19 @@ def test_hans_counts_neutral_contradiction_unparseable_as_non_entailment():
     }
 
 
+def test_hans_strict_accuracy_counts_unparseable_completions_wrong():
+    """A model that never answers scores the share of non-entailment under the authors' rule,
+    and nothing strictly (120 unparseable HANS completions once scored 1.0 strict)."""
+    entry = score_benchmark("hans_subsequence", [1, 1, 1, 0], ["no answer"] * 4)
+    assert (entry["accuracy"], entry["accuracy_strict"], entry["n_parsed"]) == (0.75, 0.0, 0)
+
+
 def test_hans_per_subcase_uses_the_hans_rule():
     entry = score_benchmark("hans_constituent", HANS_GOLDS, HANS_COMPLETIONS, {"subcase": HANS_SUBCASES})
     assert entry["per_subcase"] == {
         "s_ent": {"accuracy": 0.333333, "accuracy_strict": 0.333333, "n": 3, "n_parsed": 2, "n_correct": 1},
         # the unparseable #5 is right here (non-entailment), not dropped: 3/3
-        "s_non1": {"accuracy": 1.0, "accuracy_strict": 1.0, "n": 3, "n_parsed": 2, "n_correct": 3},
+        "s_non1": {"accuracy": 1.0, "accuracy_strict": 0.666667, "n": 3, "n_parsed": 2, "n_correct": 3},
         "s_non2": {"accuracy": 0.5, "accuracy_strict": 0.5, "n": 2, "n_parsed": 2, "n_correct": 1},
     }
 
@@ -293,7 +301,7 @@ def test_main_prints_per_subcase(tmp_path, capsys):
     assert main(["--score", str(path), "--benchmark", "hans_subsequence"]) == 0
     printed = capsys.readouterr().out
     assert "accuracy          0.6250  (HANS" in printed
-    assert "accuracy strict   0.6250  (the same on HANS)" in printed
+    assert "accuracy strict   0.5000  (unparseable = wrong, not non-entailment)" in printed
     assert "subcase" in printed
     assert any(line.split() == ["s_ent", "0.3333", "0.3333", "3", "2"] for line in printed.splitlines())
 

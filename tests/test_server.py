@@ -40,9 +40,6 @@ def test_the_server_serves_adapters_up_to_the_rank_with_room_for_every_version_i
     assert command[command.index("--logprobs-mode") + 1] == "raw_logprobs"
     at_sampling = config_for_run("paper", ["rollout.backend=vllm_server", "resources.gpus_per_node=3", "grpo.loss_temperature=null"])
     assert "processed_logprobs" in server.server_command(at_sampling, "/m", 1, ["0"])
-    bnb = config_for_run("paper", ["rollout.backend=vllm_server", "resources.gpus_per_node=3", "model.quantization=bnb4",
-                                   "model.name_or_path=Qwen/Qwen2.5-7B-Instruct"])
-    assert "--quantization bitsandbytes" in " ".join(server.server_command(bnb, "/m", 1, ["0"]))
     assert "--max-num-batched-tokens" not in command
 
 

@@ -66,3 +66,21 @@ def test_a_request_the_partition_cannot_hold_is_named():
 def test_a_missing_command_says_where_to_run():
     with pytest.raises(slurm.SlurmError, match="not found: run on a Slurm login node"):
         slurm.run_command("no-such-slurm-command-xyz")
+
+
+def test_a_pending_job_carries_its_reason_and_what_to_do_when_it_waits_for_a_person():
+    jobs = slurm.parse_squeue(recorded("squeue_held.txt"))  # scontrol requeuehold, hold (as root), sbatch --hold, queued
+    assert jobs == {"3": "PENDING", "4": "PENDING", "5_0": "PENDING", "5_1": "PENDING", "6": "PENDING"}
+    assert jobs["3"].reason == "job requeued in held state" and "scontrol release 3" in jobs["3"].action
+    assert "administrator" in jobs["4"].action and "scontrol release 5_1" in jobs["5_1"].action
+    assert (jobs["6"].reason, jobs["6"].action) == ("Priority", "")  # waits its turn
+    # the forms of limits it can never meet, as larger clusters print them
+    never = slurm.parse_squeue("7|PENDING|QOSMaxWallDurationPerJobLimit\n8|PENDING|ReqNodeNotAvail, UnavailableNodes:gpu[01-02]\n")
+    assert "ask for a QOS that allows it" in never["7"].action and "sinfo -R" in never["8"].action
+
+
+def test_sacct_lists_the_tasks_of_an_array_cancelled_before_they_started():
+    states = slurm.parse_sacct(recorded("sacct_array_cancelled.txt"))
+    assert states["37_0"] == "COMPLETED" and states["37_1"] == states["37_3"] == "CANCELLED by 0"
+    assert states["5"] == "CANCELLED by 0"  # cancelled whole while pending: one line, its base id
+    assert slurm.parse_sacct("9_[0-4:2,7]|CANCELLED by 0\n").keys() == {"9", "9_0", "9_2", "9_4", "9_7"}

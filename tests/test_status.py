@@ -21,14 +21,14 @@ def test_status_from_result_files_alone_after_the_jobs_left_the_queue(tmp_path, 
     (sweep_dir / "b" / "checkpoints" / "checkpoint-6" / "CHECKPOINT_COMPLETE").write_text("6\n")
     manifest.record_submission(sweep_dir, {"d": {}}, manifest.submission_record("slurm", sweep_dir, {"c": Job("8_2")}, retries=2))
 
-    lines = {s.cell_id: s for s in status.sweep_status(sweep_dir, queue=lambda: {}, accounting=lambda ids: {})}
+    lines = {s.cell_id: s for s in status.sweep_status(sweep_dir, queue=lambda ids: {}, accounting=lambda ids: {})}
     assert [(lines[c].state, lines[c].attempts, lines[c].steps_done) for c in "abcd"] == [
         ("complete", 3, 12), ("preempted", 2, 6), ("failed", 1, 0), ("missing", None, None)]
     assert "left the queue while running" in lines["c"].detail
     assert "rerun the sweep" in lines["b"].detail
     # without Slurm to ask, the files alone decide
     assert {s.cell_id: s.state for s in status.sweep_status(sweep_dir, queue=None)}["c"] == "running"
-    monkeypatch.setattr(slurm, "queued_jobs", lambda: {"8_2": "RUNNING"})
+    monkeypatch.setattr(slurm, "queued_jobs", lambda ids: {"8_2": "RUNNING"})
     monkeypatch.setattr(slurm, "accounting_states", lambda ids: {})
     assert status.main([str(sweep_dir)]) == 0
     out = capsys.readouterr().out
@@ -38,7 +38,7 @@ def test_status_from_result_files_alone_after_the_jobs_left_the_queue(tmp_path, 
 def test_a_job_that_ended_badly_before_writing_a_result_is_failed(tmp_path):
     sweep_dir = tmp_path / "s"
     manifest.record_submission(sweep_dir, {"x": {}}, manifest.submission_record("slurm", sweep_dir, {"x": Job("12")}, retries=2))
-    [line] = status.sweep_status(sweep_dir, queue=lambda: {}, accounting=lambda ids: {"12": "OUT_OF_MEMORY"})
+    [line] = status.sweep_status(sweep_dir, queue=lambda ids: {}, accounting=lambda ids: {"12": "OUT_OF_MEMORY"})
     assert line.state == "failed" and "job 12 out_of_memory before writing a result" in line.detail
 
 
@@ -54,7 +54,7 @@ def test_a_cell_pending_on_a_failed_pool_merge_is_blocked_with_the_cause(tmp_pat
     cfg = config_for_run("smoke", ["data.train_source=anli_hard", f"data.files.anli_hard={pool.pool}"], str(sweep_dir / "x"))
     launch.write_config_snapshot(cfg, sweep_dir / "x")
     manifest.record_submission(sweep_dir, {"x": {}}, manifest.submission_record("slurm", sweep_dir, {"x": Job("31")}, retries=2))
-    [line] = status.sweep_status(sweep_dir, queue=lambda: {"31": slurm.BLOCKED})
+    [line] = status.sweep_status(sweep_dir, queue=lambda ids: {"31": slurm.BLOCKED})
     assert (line.state, line.queued) == ("blocked", False)
     assert "its pool's merge failed (chunk-00003.jsonl, line 2: not valid JSON" in line.detail and "run the sweep again" in line.detail
 
@@ -176,3 +176,26 @@ def test_watch_redraws_the_table_until_interrupted(tmp_path, capsys, monkeypatch
     assert "2/12" in frames[0] and "20s" in frames[0]  # 10 steps left at 2 s/step
     assert "5/12" in frames[1] and "14s" in frames[1] and "every 0.5 s; Ctrl-C to stop" in frames[1]
     assert status.main([str(sweep_dir), "--watch", "0"]) == 2
+
+
+def test_status_names_held_jobs_end_states_and_an_unreadable_queue(tmp_path, write_result):
+    sweep_dir = tmp_path / "s"
+    write_result(sweep_dir / "done", "complete")
+    write_result(sweep_dir / "gone", "running", steps=3)
+    jobs = {"held": Job("40_0"), "done": Job("40_1"), "gone": Job("40_2"), "cancelled": Job("41_1"), "queued": Job("42")}
+    manifest.record_submission(sweep_dir, dict.fromkeys(jobs, {}), manifest.submission_record("slurm", sweep_dir, jobs, retries=2))
+    queue = slurm.parse_squeue("40_0|PENDING|JobHeldAdmin\n40_1|COMPLETING|None\n42|PENDING|Priority\n")
+    ended = slurm.parse_sacct("40_2|OUT_OF_MEMORY\n41|CANCELLED by 0\n")
+    lines = {s.cell_id: s for s in status.sweep_status(sweep_dir, queue=lambda ids: queue, accounting=lambda ids: ended)}
+    assert {c: lines[c].state for c in jobs} == {"held": "held", "done": "complete", "gone": "failed", "cancelled": "failed",
+                                                 "queued": "pending"}
+    assert lines["held"].queued and "JobHeldAdmin" in lines["held"].detail and "scontrol release 40_0" in lines["held"].detail
+    assert "sacct: OUT_OF_MEMORY" in lines["gone"].detail and "cancelled by 0" in lines["cancelled"].detail
+    assert lines["queued"].detail == "Priority"
+
+    def controller_down(ids):
+        raise slurm.SlurmError("`squeue` did not answer within 30 s; is slurmctld up?")
+    lines = {s.cell_id: s for s in status.sweep_status(sweep_dir, queue=controller_down, accounting=lambda ids: {})}
+    assert [lines[c].state for c in ("held", "cancelled", "queued", "done")] == ["unknown"] * 3 + ["complete"]
+    with pytest.raises(slurm.SlurmError, match="slurmctld up"):
+        status.sweep_status(sweep_dir, queue=controller_down, queue_required=True)

@@ -109,7 +109,7 @@ def test_rerun_skips_complete_and_queued_cells_and_resubmits_the_rest(tmp_path, 
     write_result(preempted.run_dir, "preempted", steps=4, attempts=2)
     jobs = {c.cell_id: Job(f"5_{i}") for i, c in enumerate(cells[:4])}
     manifest.record_submission(sweep_dir, {}, manifest.submission_record("slurm", sweep_dir, jobs, retries=2))
-    queue = lambda: {"5_2": "PENDING", "12": "RUNNING"}  # noqa: E731 - squeue as seen now
+    queue = lambda ids: {"5_2": "PENDING", "12": "RUNNING"}  # noqa: E731 - squeue as seen now (for the manifest's jobs)
 
     decide(cells, sweep_dir, force=False, queue=queue)
     assert [(c.action, c.reason) for c in cells] == [
@@ -145,18 +145,47 @@ def test_a_rerun_with_other_settings_is_refused_and_force_starts_the_cell_afresh
     RunRecord(first.cfg).update(status="preempted")
     (first.run_dir / "checkpoints" / "checkpoint-4").mkdir(parents=True)  # the work of the earlier run
     [same] = smoke_cells(tmp_path, "--ranks", "8", "grpo.save_steps=6")
-    decide([same], sweep_dir, force=False, queue=lambda: {})
+    decide([same], sweep_dir, force=False, queue=lambda ids: {})
     assert same.problems and "other settings (grpo)" in same.problems[0] and "--force" in same.problems[0]
 
     [unchanged] = smoke_cells(tmp_path, "--ranks", "8", "resources.mem_gb=4")  # resources may change
-    decide([unchanged], sweep_dir, force=False, queue=lambda: {})
+    decide([unchanged], sweep_dir, force=False, queue=lambda ids: {})
     assert not unchanged.problems and unchanged.action == "submit"
 
     [forced] = smoke_cells(tmp_path, "--ranks", "8", "grpo.save_steps=6")
-    decide([forced], sweep_dir, force=True, queue=lambda: {})
+    decide([forced], sweep_dir, force=True, queue=lambda ids: {})
     assert not forced.problems and forced.action == "submit"
     _move_aside(forced)
     assert not forced.run_dir.exists() and len(list((sweep_dir / ".replaced").iterdir())) == 1
+
+
+def test_a_complete_cell_whose_settings_changed_is_shown_as_changed_and_refused_with_the_force_command(
+        tmp_path, load_sweep, smoke_cells, capsys):
+    """A rerun with another learning rate must not pass the old results off as the new
+    declaration's: the cell is refused (exit 2), named as changed with the differing sections,
+    and the command that reruns it afresh is printed."""
+    [done] = smoke_cells(tmp_path, "--ranks", "8")
+    launch.write_config_snapshot(done.cfg, done.run_dir)
+    (done.run_dir / "adapter").mkdir(parents=True)  # the work of the finished run
+    RunRecord(done.cfg).update(status="complete", stages_done=["train", "eval"], train={"steps_done": 12},
+                               eval={"anli_r1": {"accuracy": 0.5, "accuracy_strict": 0.5, "unparseable_rate": 0.0, "n": 2}})
+    sweep = load_sweep("lora_rank")
+    argv = ["--smoke", "--ranks", "8", "--results", str(tmp_path), "grpo.learning_rate=0.5"]
+
+    [changed] = plan(sweep, parse_args(sweep, argv))
+    decide([changed], tmp_path / "lora_rank-smoke", force=False, queue=None, force_command="COMMAND --force")
+    assert changed.action == "changed" and changed.reason == "changed (grpo)"
+    assert "other settings (grpo)" in changed.problems[0] and "COMMAND --force" in changed.problems[0]
+
+    assert sweep.main(argv) == 2
+    shown = capsys.readouterr().out
+    assert "changed (grpo)" in shown and "skip: complete" not in shown
+    assert f"python sweeps/lora_rank.py --smoke --ranks 8 --results {tmp_path} grpo.learning_rate=0.5 --force" in shown.replace("\n", "")
+    assert (done.run_dir / "adapter").is_dir()  # nothing was moved or submitted
+
+    [forced] = plan(sweep, parse_args(sweep, [*argv, "--force"]))
+    decide([forced], tmp_path / "lora_rank-smoke", force=True, queue=None)
+    assert not forced.problems and (forced.action, forced.reason) == ("submit", "changed (grpo) (--force)")
 
 
 def test_a_local_cell_that_says_running_is_not_started_twice(tmp_path, smoke_cells, write_result):

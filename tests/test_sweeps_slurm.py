@@ -50,7 +50,7 @@ def wait_for(what, predicate, timeout, logs: Path | None = None):
 
 
 def queued(job_ids) -> dict:
-    return {j: s for j, s in slurm.queued_jobs().items() if j in job_ids}
+    return {j: s for j, s in slurm.queued_jobs(list(job_ids)).items() if j in job_ids}
 
 
 def test_smoke_sweep_runs_as_one_array_to_completion_and_a_rerun_submits_nothing(tmp_path, job_env):
@@ -207,7 +207,11 @@ def test_a_server_mode_cell_survives_usr2_and_requeue_and_leaves_no_server(tmp_p
      "model.quantization=awq needs a pre-quantised AWQ checkpoint (e.g. Qwen/Qwen2.5-7B-Instruct-AWQ) and a GPU node"),
     (["--partition", "gpu", "--gpus-per-node", "8"], "asks for 8 GPUs per node; partition gpu has at most 4"),
     (["--partition", "gpu", "--results", "{blocker}/results"], "cannot be created: {blocker} is a file"),
-], ids=["unknown-partition", "rank-0", "unknown-model", "awq-on-cpu-node", "too-many-gpus", "unwritable-results"])
+    (["--partition", "gpu", "--time", "4"], "--time 4 min is too short: USR2 (save and requeue) comes 300 s before the time "
+                                            "limit, so every start would stop after 0 s; give --time 10 or more"),
+    (["--partition", "gpu", "--results", "{blocker}-%j"], "has a % or \\ in its path, which Slurm expands in the jobs' log paths"),
+], ids=["unknown-partition", "rank-0", "unknown-model", "awq-on-cpu-node", "too-many-gpus", "unwritable-results", "time-under-the-usr2-lead",
+        "percent-in-results"])
 def test_bad_input_is_refused_before_anything_is_queued(tmp_path, capsys, argv, message, load_sweep):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
@@ -337,3 +341,185 @@ def test_the_dry_run_shows_the_pool_the_cells_wait_on(tmp_path, job_env):
     assert "missing; would submit shard-00-of-02, shard-01-of-02, merge, and the training cells after its merge" in done.stdout
     assert "#SBATCH --dependency='afterok:<the pool merge job>'" in done.stdout  # (a real job id is not quoted)
     assert not (tmp_path / "results" / "bootstrap").exists()  # a dry run writes nothing
+
+
+# --------------------------------------------------------------------------- shared clusters: one job per cell, nothing unrecorded
+def fake_slurm_command(folder: Path, name: str, script: str) -> Path:
+    """A `name` on PATH in front of the real one, standing in for a Slurm failure (`script`: bash;
+    the real command is `$REAL`)."""
+    folder.mkdir(exist_ok=True)
+    real = subprocess.run(["bash", "-c", f"command -v {name}"], capture_output=True, text=True, check=True).stdout.strip()
+    path = folder / name
+    path.write_text(f"#!/bin/bash\nREAL={real}\n{script}\n")
+    path.chmod(0o755)
+    return folder
+
+
+def with_path(env: dict, folder: Path) -> dict:
+    return {**env, "PATH": f"{folder}:{env['PATH']}"}
+
+
+def recorded_jobs(folder: Path) -> list[str]:
+    """Every job id of every submission of a manifest (not only the latest per cell)."""
+    return [j for s in manifest.read_manifest(folder)["submissions"] for j in s["jobs"].values()]
+
+
+@contextlib.contextmanager
+def cancelled_after(folder: Path):
+    """Cancel the jobs the block's sweeps recorded (the tests below look at submission, not training)."""
+    try:
+        yield
+    finally:
+        ids = [j for m in folder.rglob(MANIFEST_FILENAME) for j in recorded_jobs(m.parent)]
+        if ids:
+            subprocess.run(["scancel", *sorted({j.split("_")[0] for j in ids})], capture_output=True, timeout=30)
+
+
+SMOKE_SLURM = ["--smoke", "--cluster", "slurm", "--partition", "gpu", "grpo.max_steps=2", "eval.after_training=false"]
+
+
+def test_a_failed_squeue_submits_nothing(tmp_path, job_env):
+    with cancelled_after(tmp_path):
+        first = sweep_command(*SMOKE_SLURM, "--ranks", "8", "--results", str(tmp_path), env=job_env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        sweep_dir = tmp_path / "lora_rank-smoke"
+        [job] = recorded_jobs(sweep_dir)
+        fakes = fake_slurm_command(tmp_path / "bin", "squeue",
+                                   'echo "slurm_load_jobs error: Socket timed out on send/recv operation" >&2; exit 1')
+        again = sweep_command(*SMOKE_SLURM, "--ranks", "8", "--results", str(tmp_path), env=with_path(job_env, fakes))
+        out = " ".join(again.stdout.split())
+        assert again.returncode == 2, out + again.stderr
+        assert "Socket timed out" in out and "Nothing submitted" in out
+        assert recorded_jobs(sweep_dir) == [job]
+
+
+def test_two_sweeps_started_at_once_queue_each_cell_once(tmp_path, job_env):
+    # sbatch answers slowly (a busy controller): both sweeps plan while neither has submitted yet
+    slow = with_path(job_env, fake_slurm_command(tmp_path / "bin", "sbatch", 'sleep 3; exec "$REAL" "$@"'))
+    argv = [sys.executable, str(REPO / "sweeps" / "lora_rank.py"), *SMOKE_SLURM, "--results", str(tmp_path)]
+    with cancelled_after(tmp_path):
+        sweeps = [subprocess.Popen(argv, env=slow, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                  for _ in range(2)]
+        outputs = [p.communicate(timeout=180)[0] for p in sweeps]
+        assert [p.returncode for p in sweeps] == [0, 0], outputs
+        sweep_dir = tmp_path / "lora_rank-smoke"
+        submissions = manifest.read_manifest(sweep_dir)["submissions"]
+        assert [sorted(s["jobs"]) for s in submissions] == [["tiny-sft__bf16__r16__s0", "tiny-sft__bf16__r8__s0"]], outputs
+        assert sum("nothing to submit" in out for out in outputs) == 1, outputs
+        names = subprocess.run(["squeue", "-h", "--array", "-o", "%j"], capture_output=True, text=True, check=True).stdout.split()
+        assert names.count("nli_grpo_lora_rank-smoke") == 2
+
+
+@pytest.fixture(scope="module")
+def other_user():
+    """A second Unix user on this machine (the cluster's node): a colleague sharing the sweep."""
+    name = "nli_grpo_colleague"
+    if subprocess.run(["id", name], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--no-create-home", name], check=True, capture_output=True)
+    return name
+
+
+def test_another_users_held_job_is_skipped_and_status_says_how_to_release_it(tmp_path, job_env, other_user):
+    sweep_dir = tmp_path / "lora_rank-smoke"
+    held = subprocess.run(["runuser", "-u", other_user, "--", "sbatch", "--parsable", "--hold", "-p", "cpu", "-t", "5",
+                           "-o", "/dev/null", "--wrap", "true"], capture_output=True, text=True, check=True, cwd="/").stdout.strip()
+    try:
+        # the colleague's submission of one cell, as their sweep recorded it
+        manifest.record_submission(sweep_dir, {"tiny-sft__bf16__r8__s0": {}}, {
+            "submitted_at": results.now_iso(), "user": other_user, "cluster": "slurm", "jobs": {"tiny-sft__bf16__r8__s0": held}})
+        plan = sweep_command(*SMOKE_SLURM, "--dry-run", "--results", str(tmp_path), env=job_env)
+        out = " ".join(plan.stdout.split())
+        assert plan.returncode == 0, out + plan.stderr
+        assert f"skip: held (job {held})" in out and "submit (missing)" in out  # r8 is the colleague's; r16 is missing
+        assert "dry run: 1 of 2 cells would be submitted" in out
+        shown = subprocess.run([sys.executable, "-m", "nli_grpo.status", str(sweep_dir), "--json"], env=job_env, capture_output=True,
+                               text=True, timeout=60)
+        line = next(json.loads(x) for x in shown.stdout.splitlines() if "r8" in x)
+        assert line["state"] == "held" and line["queued"] and "JobHeldUser" in line["detail"]
+        assert f"scontrol release {held}" in line["detail"]
+    finally:
+        subprocess.run(["scancel", held], capture_output=True, timeout=30)
+
+
+def test_an_sbatch_failing_after_the_first_array_leaves_it_recorded_and_the_rerun_submits_only_the_rest(tmp_path, job_env):
+    # the pool's shards are queued, then sbatch fails (the merge's)
+    count = tmp_path / "sbatch-calls"
+    failing = fake_slurm_command(tmp_path / "bin", "sbatch", f'echo x >> {count}\n'
+                                 f'if [ "$(wc -l < {count})" -ge 2 ]; then echo "sbatch: error: Batch job submission failed: '
+                                 'Socket timed out on send/recv operation" >&2; exit 1; fi\nexec "$REAL" "$@"')
+    root = tmp_path / "results"
+    with cancelled_after(root):
+        first = sweep_command(*POOL_CELLS, "--results", str(root), env=with_path(job_env, failing))
+        assert first.returncode == 1, first.stdout + first.stderr
+        assert "Traceback" not in first.stderr and "the pool could not be submitted" in first.stdout
+        pool = pool_folder(root)
+        [shards] = manifest.read_manifest(pool)["submissions"]
+        assert sorted(shards["jobs"]) == ["shard-00-of-02", "shard-01-of-02"]
+
+        again = sweep_command(*POOL_CELLS, "--results", str(root), env=job_env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        first_submission, second = manifest.read_manifest(pool)["submissions"]
+        assert first_submission == shards and sorted(second["jobs"]) == ["merge"]
+        cells = manifest.read_manifest(root / "lora_rank-smoke")["submissions"]
+        assert len(cells) == 1 and len(cells[0]["jobs"]) == 2
+
+
+def test_a_second_job_on_a_locked_cell_exits_at_once_and_touches_nothing(tmp_path):
+    """The training of a cell in its job (a stand-in that sleeps), and a second job on the same
+    cell: the second exits with EXIT_REFUSED before running anything; the first is untouched."""
+    import submitit
+
+    from nli_grpo import launch
+    from nli_grpo.job import EXIT_REFUSED
+
+    run_dir, touched = tmp_path / "cell", tmp_path / "cell" / "second-job-was-here"
+    run_dir.mkdir()
+
+    def submit(command):
+        executor = submitit.AutoExecutor(folder=tmp_path / "logs" / "%j", cluster="slurm")
+        executor.update_parameters(slurm_partition="cpu", timeout_min=5, cpus_per_task=1)
+        return executor.submit(launch.CellJob(command, str(run_dir), 5))
+
+    started = tmp_path / "first-job-trains"
+    first = submit(["bash", "-c", f"touch {started}; sleep 60"])
+    try:
+        wait_for("the first job trains", started.is_file, 60, tmp_path / "logs")
+        second = submit(["touch", str(touched)])
+        wait_for("the second job ends", lambda: not queued({second.job_id}) and second.state not in ("PENDING", "RUNNING"), 60,
+                 tmp_path / "logs")
+        assert not touched.exists()
+        assert f"is being trained by job {first.job_id}" in Path(second.paths.stderr).read_text()
+        assert subprocess.run(["sacct", "-X", "-n", "-P", "-o", "ExitCode", "-j", second.job_id], capture_output=True,
+                              text=True).stdout.strip() == f"{EXIT_REFUSED}:0"
+        assert queued({first.job_id}).get(first.job_id) == "RUNNING"
+    finally:
+        first.cancel(check=False)
+
+
+@pytest.fixture(scope="module")
+def small_qos():
+    """A QOS that lets a user queue two jobs at once (as shared clusters limit new users)."""
+    name = "nli_grpo_small"
+    subprocess.run(["sacctmgr", "-i", "add", "qos", name], capture_output=True, timeout=30)  # exists already: fine
+    subprocess.run(["sacctmgr", "-i", "modify", "qos", name, "set", "MaxSubmitJobsPerUser=2"], check=True, capture_output=True,
+                   timeout=30)
+    return name
+
+
+def test_a_qos_submit_limit_of_2_with_3_cells_completes_them_over_reruns(tmp_path, job_env, small_qos):
+    argv = [*SMOKE_SLURM, "--ranks", "8", "--seeds", "0,1,2", "--qos", small_qos, "--results", str(tmp_path)]
+    sweep_dir = tmp_path / "lora_rank-smoke"
+
+    def complete(count):
+        lines = status.sweep_status(sweep_dir, queue=slurm.queued_jobs)
+        return sum(s.state == "complete" and not s.queued for s in lines) == count and lines
+    with cancelled_after(tmp_path):
+        first = sweep_command(*argv, env=job_env)
+        out = " ".join(first.stdout.split())
+        assert first.returncode == 0, out + first.stderr
+        assert f"QOS {small_qos}'s MaxSubmitJobsPerUser is 2 and you have 0 job(s) queued: 2 of the 3 cells to submit fit now" in out
+        wait_for("the first two cells", lambda: complete(2), 240, sweep_dir / "logs")
+        again = sweep_command(*argv, env=job_env)
+        assert again.returncode == 0 and "submitted 1 of 1 cells" in again.stdout, again.stdout + again.stderr
+        wait_for("the third cell", lambda: complete(3), 240, sweep_dir / "logs")
+        assert [len(s["jobs"]) for s in manifest.read_manifest(sweep_dir)["submissions"]] == [2, 1]

@@ -228,6 +228,10 @@ def test_grpo_job_with_bnb4_and_lora_on_cpu(tmp_path, rewards):
     weights = load_file(adapter / "adapter_model.safetensors")
     # PEFT starts every lora_B at zero; a non-zero one shows that the optimizer stepped.
     assert any(w.abs().max() > 0 for name, w in weights.items() if "lora_B" in name)
+    # LoRA weights train in float32 as on the bf16 and AWQ cells (TRL casts them to bf16 on 4-bit
+    # bases, where lr 5e-6 updates would round away): the quantization ablation compares like with like.
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    assert result["train"]["lora_dtype"] == "float32"
 
 
 def test_precision_fields_reach_the_trainer_and_the_loaded_model(tmp_path):

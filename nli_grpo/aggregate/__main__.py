@@ -11,9 +11,13 @@ from pathlib import Path
 
 from ..data import BENCHMARK_NAMES
 from .collect import apply_filters, collect, parse_filters
+from .items import ItemCache
 from .plots import write_plots
 from .render import FORMATS, render_report, write_tables
 from .tables import DEFAULT_REFERENCE, METRICS, build_sweep_results, load_references, tables_for
+
+#: The per-item scores read from predictions files, kept under `<out>/tables/` for the next run.
+ITEM_CACHE_NAME = ".item_cache.npz"
 
 
 def _comma_list(text: str, allowed: Iterable[str], what: str) -> list[str]:
@@ -79,15 +83,17 @@ def main(argv: list[str] | None = None) -> int:
               f"`python -m nli_grpo.status` shows what the jobs are doing", file=sys.stderr)
         return 1
 
+    out = Path(args.out or args.results[0])
+    if out.is_file():
+        out = out.parent
     references = load_references(args.reference)
-    sweeps = build_sweep_results(runs, args.metric, benchmarks)
+    items = ItemCache(out / "tables" / ITEM_CACHE_NAME)
+    sweeps = build_sweep_results(runs, args.metric, benchmarks, items)
+    items.save()
     sweep_tables = [(sweep, tables_for(sweep, references)) for sweep in sweeps]
     report = render_report(sweep_tables, len(collection.runs), collection.skipped, args.metric)
     sys.stdout.write(report)
 
-    out = Path(args.out or args.results[0])
-    if out.is_file():
-        out = out.parent
     written = write_tables(sweep_tables, out / "tables", formats, report)
     if not args.no_plots:
         written += write_plots(sweeps, out / "plots")

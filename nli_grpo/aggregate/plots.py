@@ -1,5 +1,7 @@
-"""Plots of a sweep (PNG, via matplotlib's object API and Agg canvas): metric vs LoRA rank,
-zero-shot vs GRPO per set, and reward/KL training curves averaged over seeds. matplotlib is
+"""Plots of a sweep (PNG, via matplotlib's object API and Agg canvas): metric vs LoRA rank (with the
+zero-shot baseline), metric vs model size, zero-shot vs GRPO per set and the quantization cost per
+set (bars on one axis), and reward/KL training curves averaged over seeds. Error bars are the
+tables' 95% bootstrap intervals, else ± std over several seeds, else none. matplotlib is
 imported inside the drawing functions only, so tables and `--no-plots` never load it."""
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pandas as pd
 
 from ..layout import TRAIN_LOG_FILENAME
 from ..results import read_train_log
-from .tables import MISSING, Stat, SweepResults, column_label, format_axis, slug, sort_key
+from .tables import MISSING, Stat, SweepResults, Variant, baseline_axes, format_axis, quantization_table, slug, sort_key
 
 
 def _label(axes: dict, shown: list[str]) -> str:
@@ -40,8 +42,48 @@ def _colors(n: int) -> list:
     return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
 
 
+def _errors(stats: list[Stat]) -> tuple[np.ndarray, np.ndarray]:
+    """(which points have an error bar, 2 x k lower/upper lengths in points): the 95% bootstrap
+    interval where there is one, else ± the sample std over several seeds; a single seed without
+    predictions has none (no zero-length bar pretending to be a precise number)."""
+    lower, upper = [], []
+    for s in stats:
+        if s.low is not None:      # a percentile interval need not contain the mean: no negative length
+            lower.append(max(0.0, 100 * (s.mean - s.low)))
+            upper.append(max(0.0, 100 * (s.high - s.mean)))
+        elif s.std is not None and (s.n or 0) > 1:
+            lower.append(100 * s.std)
+            upper.append(100 * s.std)
+        else:
+            lower.append(np.nan)
+            upper.append(np.nan)
+    errors = np.array([lower, upper]).reshape(2, len(stats))
+    has = ~np.isnan(errors).any(axis=0) & (errors.sum(axis=0) > 0)
+    return has, errors
+
+
+def _draw(ax, x, stats: list[Stat], *, bars: bool = False, width: float = 0.8, **style):
+    """Points joined by a line (or bars) with their error bars, drawn only where there is an error."""
+    x = np.asarray(x, dtype=float)
+    y = np.array([100 * s.mean for s in stats])
+    if bars:
+        ax.bar(x, y, width, **style)
+    else:
+        ax.plot(x, y, marker="o", ms=3, **style)
+    has, errors = _errors(stats)
+    if has.any():
+        ax.errorbar(x[has], y[has], yerr=errors[:, has], fmt="none", ecolor="0.2" if bars else style.get("color"),
+                    capsize=2 if not bars else 1.5, lw=0.8)
+
+
+def _ok(variant: Variant | None, column: str) -> Stat | None:
+    stat = variant.stats[column] if variant else None
+    return stat if stat is not None and stat.state == "ok" else None
+
+
 def plot_accuracy_vs_rank(sweep: SweepResults, path: Path) -> Path | None:
-    """One panel per column: metric vs LoRA rank, a line per other-axes group, dashed zero-shot."""
+    """One panel per column: metric vs LoRA rank, a line per other-axes group, dashed zero-shot
+    (the group's baseline, found as the tables find it)."""
     ranks = sweep.values("lora_rank", having="lora_rank")
     if len(ranks) < 2:
         return None
@@ -53,21 +95,18 @@ def plot_accuracy_vs_rank(sweep: SweepResults, path: Path) -> Path | None:
     fig = _new_figure(3.2 * ncols, 2.6 * nrows + 1.0, bottom=1.0, left=0.5)
     panels = list(fig.subplots(nrows, ncols, squeeze=False).flat)
     for color, group in zip(_colors(len(groups)), groups):
-        zero_shot = sweep.find(**group, stage="zero_shot", lora_rank=None)
+        zero_shot = sweep.find(**baseline_axes(sweep, group))
         for ax, column in zip(panels, sweep.columns):
-            stats = [(r, s) for r in ranks if (v := sweep.find(**group, stage="grpo", lora_rank=r))
-                     and (s := v.stats[column]).state == "ok"]
-            if stats:
-                ax.errorbar([r for r, _ in stats], [100 * s.mean for _, s in stats],
-                            yerr=[100 * (s.std or 0) for _, s in stats], color=color, marker="o", ms=3,
-                            capsize=2, label=_label(group, shown))
-            if zero_shot and zero_shot.stats[column].state == "ok":
-                ax.axhline(100 * zero_shot.stats[column].mean, color=color, ls="--", lw=1)
+            points = [(r, s) for r in ranks if (s := _ok(sweep.find(**group, stage="grpo", lora_rank=r), column))]
+            if points:
+                _draw(ax, [r for r, _ in points], [s for _, s in points], color=color, label=_label(group, shown))
+            if base := _ok(zero_shot, column):
+                ax.axhline(100 * base.mean, color=color, ls="--", lw=1)
     for ax, column in zip(panels, sweep.columns):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, labels=[str(r) for r in ranks])
         ax.minorticks_off()
-        ax.set_title(column_label(column), fontsize=9)
+        ax.set_title(sweep.column_label(column), fontsize=9)
         ax.set_ylabel("%", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in panels[len(sweep.columns):]:
@@ -75,42 +114,96 @@ def plot_accuracy_vs_rank(sweep: SweepResults, path: Path) -> Path | None:
     handles, labels = panels[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 6), fontsize=8)
-    fig.suptitle(f"{sweep.name}: {sweep.metric} vs LoRA rank (mean ± std over seeds; dashed: zero-shot)", fontsize=10)
+    fig.suptitle(f"{sweep.name}: {sweep.metric} vs LoRA rank ({ERROR_BARS}; dashed: zero-shot)", fontsize=10)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+#: What the error bars of every plot are.
+ERROR_BARS = "bars: 95% item bootstrap, else ± std over seeds"
+
+
+def plot_accuracy_vs_model(sweep: SweepResults, path: Path) -> Path | None:
+    """One panel per column: metric vs model (ordered by size), a line per quantization/stage/rank."""
+    models = sweep.values("model")
+    if len(models) < 2:
+        return None
+    line_axes = [a for a in sweep.axes if a != "model"]
+    lines = sweep.groups(line_axes)
+    shown = [a for a in line_axes if len({line[a] for line in lines}) > 1]
+    ncols = min(4, len(sweep.columns))
+    nrows = math.ceil(len(sweep.columns) / ncols)
+    fig = _new_figure(3.2 * ncols, 2.6 * nrows + 1.0, bottom=1.0, left=0.5)
+    panels = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    for color, line in zip(_colors(len(lines)), lines):
+        for ax, column in zip(panels, sweep.columns):
+            points = [(i, s) for i, m in enumerate(models) if (s := _ok(sweep.find(**line, model=m), column))]
+            if points:
+                _draw(ax, [i for i, _ in points], [s for _, s in points], color=color,
+                      ls="--" if line.get("stage") == "zero_shot" else "-", label=_label(line, shown))
+    for ax, column in zip(panels, sweep.columns):
+        ax.set_xticks(range(len(models)), labels=models, rotation=20, fontsize=7)
+        ax.set_title(sweep.column_label(column), fontsize=9)
+        ax.set_ylabel("%", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in panels[len(sweep.columns):]:
+        ax.set_visible(False)
+    handles, labels = panels[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 5), fontsize=8)
+    fig.suptitle(f"{sweep.name}: {sweep.metric} vs model size ({ERROR_BARS})", fontsize=10)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _bar_chart(sweep: SweepResults, path: Path, series: list[tuple[str, list[Stat]]], title: str, ylabel: str) -> Path:
+    """Grouped bars, one group per column, one bar per series, all on one axis."""
+    fig = _new_figure(min(18.0, max(7.0, 0.2 * len(sweep.columns) * len(series))) + 2.4, 4.2,
+                      right=2.4, top=0.6, bottom=1.1)
+    ax = fig.subplots(1, 1)
+    x = np.arange(len(sweep.columns))
+    width = 0.8 / max(len(series), 1)
+    for i, ((label, stats), color) in enumerate(zip(series, _colors(len(series)))):
+        ok = np.array([s.state == "ok" for s in stats], dtype=bool)
+        if ok.any():       # the gap in the group of bars shows a missing one
+            _draw(ax, x[ok] + (i - (len(series) - 1) / 2) * width, [s for s in stats if s.state == "ok"],
+                  bars=True, width=width, color=color, label=label)
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set_xticks(x, labels=[sweep.column_label(c) for c in sweep.columns], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"{sweep.name}: {title} ({ERROR_BARS})", fontsize=10)
     fig.savefig(path, dpi=110)
     return path
 
 
 def plot_stage_bars(sweep: SweepResults, path: Path) -> Path | None:
-    """Per-set bars, zero-shot vs GRPO (one bar per rank), one panel per model/quantization group."""
-    stages = sweep.values("stage")
-    if stages != ["zero_shot", "grpo"]:
+    """Per-set bars, zero-shot and GRPO (one bar per rank) of every model/quantization group, on one
+    axis, so that heights compare across groups."""
+    if sweep.values("stage") != ["zero_shot", "grpo"]:
         return None
     group_axes = [a for a in sweep.axes if a not in ("stage", "lora_rank")]
-    groups = sweep.groups(group_axes)
     shown = [a for a in group_axes if sweep.varies(a)]
-    series = [("zero_shot", None)] + [("grpo", r) for r in sweep.values("lora_rank", having="lora_rank")]
-    colors = ["0.6"] + _colors(len(series) - 1)
-    fig = _new_figure(min(18.0, max(7.0, 0.22 * len(sweep.columns) * len(series))) + 1.6, 2.8 * len(groups) + 1.0,
-                      right=1.6, top=0.8, bottom=1.0, hspace=0.9)
-    x = np.arange(len(sweep.columns))
-    width = 0.8 / len(series)
-    for ax, group in zip(fig.subplots(len(groups), 1, squeeze=False).flat, groups):
-        for i, ((stage, rank), color) in enumerate(zip(series, colors)):
-            variant = sweep.find(**group, stage=stage, lora_rank=rank)
-            stats = [variant.stats[c] if variant else Stat(state=MISSING) for c in sweep.columns]
-            ok = np.array([s.state == "ok" for s in stats], dtype=bool)
-            if not ok.any():
-                continue            # the gap in the group of bars shows it; no legend entry without data
-            ax.bar(x[ok] + (i - (len(series) - 1) / 2) * width, [100 * s.mean for s in stats if s.state == "ok"],
-                   width, yerr=[100 * (s.std or 0) for s in stats if s.state == "ok"], color=color, capsize=1.5,
-                   label="zero-shot" if stage == "zero_shot" else f"GRPO r{rank}")
-        ax.set_xticks(x, labels=[column_label(c) for c in sweep.columns], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(f"{sweep.metric} (%)", fontsize=8)
-        ax.set_title(_label(group, shown), fontsize=9)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(f"{sweep.name}: zero-shot vs GRPO per set", fontsize=10)
-    fig.savefig(path, dpi=110)
-    return path
+    series = []
+    for group in sweep.groups(group_axes, having="lora_rank"):
+        prefix = _label(group, shown) + ": " if shown else ""
+        baseline = sweep.find(**baseline_axes(sweep, group))
+        series.append((prefix + "zero-shot", [baseline.stats[c] if baseline else Stat(state=MISSING) for c in sweep.columns]))
+        for rank in sweep.values("lora_rank", having="lora_rank"):
+            variant = sweep.find(**group, stage="grpo", lora_rank=rank)
+            series.append((f"{prefix}GRPO r{rank}", [variant.stats[c] if variant else Stat(state=MISSING)
+                                                      for c in sweep.columns]))
+    return _bar_chart(sweep, path, series, "zero-shot vs GRPO per set", f"{sweep.metric} (%)")
+
+
+def plot_quantization(sweep: SweepResults, path: Path) -> Path | None:
+    """Per-set bars of the quantization cost (quantized − bf16, paired deltas as in the table)."""
+    table = quantization_table(sweep)
+    if table is None:
+        return None
+    series = [(", ".join(v for v in row.labels.values() if v), [row.cells[c] for c in sweep.columns])
+              for row in table.rows]
+    return _bar_chart(sweep, path, series, "quantization cost per set", "quantized − bf16 (points)")
 
 
 def mean_train_curve(result_dirs: list[str]) -> pd.DataFrame | None:
@@ -153,8 +246,8 @@ def plot_train_curves(sweep: SweepResults, path: Path) -> Path | None:
     return path
 
 
-PLOTS = {"accuracy_vs_rank": plot_accuracy_vs_rank, "zero_shot_vs_grpo": plot_stage_bars,
-         "train_curves": plot_train_curves}
+PLOTS = {"accuracy_vs_rank": plot_accuracy_vs_rank, "accuracy_vs_model": plot_accuracy_vs_model,
+         "zero_shot_vs_grpo": plot_stage_bars, "quantization": plot_quantization, "train_curves": plot_train_curves}
 
 
 def write_plots(sweeps: list[SweepResults], out_dir: Path) -> list[Path]:
