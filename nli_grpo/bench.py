@@ -11,7 +11,6 @@ A benchmark is a function `(workdir: Path) -> dict` of measured figures, registe
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import gzip
 import io
@@ -34,6 +33,7 @@ from .config import ExperimentConfig
 from .data import BENCHMARK_NAMES
 from .grid import cell_from_config, cell_id
 from .layout import CellFolder, result_document
+from .phases import PHASES, attach_phase_timer, time_calls
 from .results import package_versions, read_train_log
 
 BENCHMARKS: dict[str, Callable[[Path], dict]] = {}
@@ -558,79 +558,10 @@ def bench_grpo_step(workdir: Path) -> dict:
 # One GRPO step by phase, trainer overhead, evaluation, a cell's fixed costs
 # ---------------------------------------------------------------------------------------------
 
-PHASES = ("generation", "adapter_sync", "ref_old_logprobs", "forward", "backward", "optimizer", "other")
-
-
 def _alternating_rewards(completions, **_):
     """Rewards 0, 1, 0, 1 ...: every group has non-zero advantages, so no update is skipped
     (random weights would score 0 everywhere, and our trainer skips such updates; TRL does not)."""
     return [float(i % 2) for i in range(len(completions))]
-
-
-def _time_calls(owner, attr: str, record: Callable[[float], None], when: Callable[[], bool] = lambda: True):
-    """Replace `owner.attr` by a wrapper that hands each call's wall seconds to `record` (calls
-    made while `when()` is false pass untimed). Returns the original, to put back."""
-    inner = getattr(owner, attr)
-
-    def timed(*args, **kwargs):
-        if not when():
-            return inner(*args, **kwargs)
-        started = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            record(time.perf_counter() - started)
-    setattr(owner, attr, timed)
-    return inner
-
-
-def attach_phase_timer(trainer) -> list[dict]:
-    """Time each optimizer step of `trainer` by phase; returns the list it appends one
-    {phase: seconds, "step": total} per step to. Generation is TRL's `_generate_single_turn`
-    (less the adapter sync inside it), the reference / old log-probs its no-grad
-    `_get_per_token_logps_and_entropies`, forward `compute_loss`, backward the accelerator's,
-    the optimizer the time between transformers' pre- and post-optimizer-step callbacks; `other`
-    is the rest of the step (rewards, advantages, data, logging inside the step)."""
-    import torch
-    from transformers import TrainerCallback
-
-    steps: list[dict] = []
-    current: dict[str, float] = collections.defaultdict(float)
-
-    def add_to(phase: str) -> Callable[[float], None]:
-        def add(seconds: float) -> None:
-            current[phase] += seconds
-        return add
-
-    _time_calls(trainer, "_generate_single_turn", add_to("generation"))
-    _time_calls(trainer, "_get_per_token_logps_and_entropies", add_to("ref_old_logprobs"), when=lambda: not torch.is_grad_enabled())
-    _time_calls(trainer, "compute_loss", add_to("forward"))
-    _time_calls(trainer.accelerator, "backward", add_to("backward"))
-    if getattr(trainer, "hot_swap", None) is not None:
-        _time_calls(trainer.hot_swap, "sync", add_to("adapter_sync"))
-
-    class Clock(TrainerCallback):
-        began = optimizer_began = 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            current.clear()
-            self.began = time.perf_counter()
-
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            self.optimizer_began = time.perf_counter()
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            current["optimizer"] += time.perf_counter() - self.optimizer_began
-
-        def on_step_end(self, args, state, control, **kwargs):
-            total = time.perf_counter() - self.began
-            phases = {p: current.get(p, 0.0) for p in PHASES if p != "other"}
-            phases["generation"] -= phases["adapter_sync"]  # the sync runs inside generation
-            phases["other"] = total - sum(phases.values())
-            steps.append({**phases, "step": total})
-
-    trainer.add_callback(Clock())
-    return steps
 
 
 def _phase_figures(prefix: str, steps: list[dict]) -> dict:
@@ -898,7 +829,7 @@ def bench_fixed_costs(workdir: Path) -> dict:
     originals = {}
     try:
         for owner, attr in ((rollout, "build_llm"), (models, "load_base_model")):
-            originals[(owner, attr)] = _time_calls(owner, attr, lambda seconds, attr=attr: counts.setdefault(attr, []).append(seconds))
+            originals[(owner, attr)] = time_calls(owner, attr, lambda seconds, attr=attr: counts.setdefault(attr, []).append(seconds))
         for reuse in (True, False):
             rollout.REUSE_ROLLOUT_ENGINE_FOR_EVAL = reuse
             counts.clear()
@@ -990,9 +921,8 @@ def bench_is_logprob_gap(workdir: Path) -> dict:
     completion token is what the ratio sees that is not staleness. At loss temperature 1 (the
     paper: raw log-probs) and at TRL's default (loss temperature = sampling temperature: vLLM's
     processed log-probs, after top-k/top-p)."""
-    import torch
-
     from .process import StopRequest
+    from .rollout import sampler_logprob_deltas
     from .server import logprobs_mode
     from .training import build_trainer
 
@@ -1010,13 +940,7 @@ def bench_is_logprob_gap(workdir: Path) -> dict:
         prompt_ids = [ids for ids in tokenizer.apply_chat_template(list(rows["prompt"]), add_generation_prompt=True,
                                                                    tokenize=True, return_dict=True)["input_ids"]
                       for _ in range(cfg.grpo.num_generations)]
-        completions, sampler_logps = trainer._generate_single_turn(prompt_ids, None, None, cfg.grpo.num_generations)
-        deltas = []
-        with torch.no_grad():
-            for prompt, completion, sampled in zip(prompt_ids, completions, sampler_logps):
-                ids = torch.tensor([list(prompt) + list(completion)], device=trainer.accelerator.device)
-                logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), len(completion))
-                deltas += (logps[0].float().cpu() - torch.tensor(sampled)).abs().tolist()
+        deltas = sampler_logprob_deltas(trainer, prompt_ids)
         trainer.close_rollout()
         figures[f"{label}_logprobs_mode"] = logprobs_mode(cfg)
         figures[f"{label}_loss_temperature"] = cfg.grpo.loss_temperature or cfg.grpo.temperature

@@ -237,6 +237,35 @@ class OutputConfig:
 
 
 @dataclass
+class PreflightConfig:
+    """`python -m nli_grpo.preflight`: a few real GRPO steps of one combination (base model x
+    quantization x rollout backend x GPUs) before a grid, and the thresholds of its verdict."""
+
+    cycles: int = 2
+    """Generation cycles trained (each grpo.num_iterations optimizer steps); the first warms up
+    (first LoRA load, allocator), the others are timed."""
+    prompts: int = 4
+    """Training prompts of the agreement and greedy checks."""
+    greedy_tokens: int = 16
+    """Greedy tokens compared between the sampler and HF generate per prompt."""
+    perturbation_std: float = 0.05
+    """Std of the noise added to the adapter's LoRA B weights for the checks after a publish (a
+    non-zero adapter that changes greedy output)."""
+    max_mean_logprob_delta: float = 0.05
+    """Fail when the mean |log p(sampler) - log p(trainer)| per completion token exceeds this
+    (same tokens, same adapter version): the importance ratio would see it as off-policy."""
+    max_token_logprob_delta: float = 2.0
+    """Warn when one token's |delta log p| exceeds this (16-bit kernels differ on rare tokens)."""
+    memory_headroom: float = 0.9
+    """Warn when the measured peak memory exceeds this share of the memory asked for (fail above it all)."""
+    time_headroom: float = 0.8
+    """Warn when the projected run time exceeds this share of the time before USR2 (fail above it all)."""
+    max_checkpoint_interval_min: float = 60.0
+    """Warn when grpo.save_steps at the measured rate is longer than this: a node failure (no
+    USR2) loses up to that much work."""
+
+
+@dataclass
 class ExperimentConfig:
     stage: str = "grpo"
     """`grpo` (train then evaluate) or `zero_shot` (evaluate the base model only)."""
@@ -249,6 +278,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -340,23 +340,34 @@ SAMPLE_SEED = 0
 
 
 def representative_sample(table: pd.DataFrame, limit: int, spec: BenchmarkSpec, seed: int = SAMPLE_SEED) -> pd.DataFrame:
-    """`limit` rows of a set in the common schema, in source order, drawn at random (seeded) in
-    every stratum (label; HANS: label and subcase) in proportion to its size: the largest
-    remainders get the rows left after rounding down. Source files are often ordered (HANS by
-    subcase), so their first rows would be one label. The whole table when it is not larger."""
+    """`limit` rows of a set in the common schema, in source order, drawn at random (seeded):
+    each label gets its share of the rows, and on HANS each label's share is split among its
+    subcases the same way (`_apportion`). Source files are often ordered (HANS by subcase), so
+    their first rows would be one label. The whole table when it is not larger."""
     import numpy as np
 
     if limit >= len(table):
         return table
-    strata = table.groupby(["label", "subcase"] if spec.scoring == HANS else ["label"], sort=True).indices
-    exact = {key: limit * len(rows) / len(table) for key, rows in strata.items()}
-    quota = {key: int(share) for key, share in exact.items()}
-    by_remainder = sorted(exact, key=lambda key: (quota[key] - exact[key], -len(strata[key])))
-    for key in by_remainder[: limit - sum(quota.values())]:
-        quota[key] += 1
     rng = np.random.default_rng(seed)
-    chosen = sorted(int(p) for key, rows in strata.items() for p in rng.choice(rows, quota[key], replace=False))
-    return table.iloc[chosen]
+    chosen = []
+    by_label = table.groupby("label", sort=True).indices
+    for label, label_rows in _apportion({k: len(v) for k, v in by_label.items()}, limit).items():
+        part = table.iloc[by_label[label]]
+        strata = part.groupby("subcase", sort=True).indices if spec.scoring == HANS else {label: np.arange(len(part))}
+        for key, quota in _apportion({k: len(v) for k, v in strata.items()}, label_rows).items():
+            chosen += [int(by_label[label][p]) for p in rng.choice(strata[key], quota, replace=False)]
+    return table.iloc[sorted(chosen)]
+
+
+def _apportion(sizes: dict, total: int) -> dict:
+    """`total` split in proportion to `sizes` (largest remainders; ties to the larger group,
+    then the first key)."""
+    whole = sum(sizes.values())
+    exact = {key: total * size / whole for key, size in sizes.items()}
+    quota = {key: int(share) for key, share in exact.items()}
+    for key in sorted(exact, key=lambda k: (quota[k] - exact[k], -sizes[k]))[: total - sum(quota.values())]:
+        quota[key] += 1
+    return quota
 
 
 def _features(spec: BenchmarkSpec) -> datasets.Features:

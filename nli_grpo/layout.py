@@ -11,8 +11,8 @@ result document (the job, the benchmarks and the tests all build theirs here).
     config.yaml            the config snapshot a sweep submitted
     tensorboard/           TensorBoard event files (output.report_to=[tensorboard]), one file per attempt
 
-Beside the cells, the sweep folder holds `manifest.json`, `logs/` (submitit's) and `.replaced/`
-(runs moved aside by --force).
+Beside the cells, the sweep folder holds `manifest.json`, `logs/` (submitit's), `.replaced/`
+(runs moved aside by --force) and `preflight/<combination>.json` (verdicts of nli_grpo.preflight).
 
 A hard-example pool (nli_grpo.bootstrap; `results/bootstrap/<pool>/`, `PoolFolder`):
 
@@ -50,8 +50,15 @@ TENSORBOARD_DIRNAME = "tensorboard"
 MANIFEST_FILENAME = "manifest.json"
 LOGS_DIRNAME = "logs"
 REPLACED_DIRNAME = ".replaced"
+#: Preflight verdicts of a sweep, one file per combination (nli_grpo.verdict.combination).
+PREFLIGHT_DIRNAME = "preflight"
 #: What a checkpoint holds besides the adapter and its tokenizer: the trainer's state.
 TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", COMPLETE_MARKER)
+
+
+def preflight_file(sweep_dir: str | os.PathLike, combination: str) -> Path:
+    """`<sweep_dir>/preflight/<combination>.json`: the preflight verdict of one combination."""
+    return Path(sweep_dir) / PREFLIGHT_DIRNAME / f"{combination}.json"
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:

@@ -348,6 +348,21 @@ def make_vllm_trainer_class(base):
     return VLLMRolloutTrainer
 
 
+def sampler_logprob_deltas(trainer, prompt_ids: list[list[int]]) -> list[float]:
+    """|log p(sampler) - log p(trainer)| of every completion token: `trainer` (a vLLM rollout
+    trainer) generates for `prompt_ids` as in training (the current adapter version, the sampler
+    reporting log-probs as server.logprobs_mode says), then scores the same tokens with its own
+    model at the loss temperature. What TRL's importance ratio sees that is not staleness."""
+    completions, sampled = trainer._generate_single_turn(prompt_ids, None, None, trainer.rollout_cfg.grpo.num_generations)
+    deltas: list[float] = []
+    with torch.no_grad():
+        for prompt, completion, sampler_logps in zip(prompt_ids, completions, sampled):
+            ids = torch.tensor([list(prompt) + list(completion)], device=trainer.accelerator.device)
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), len(completion))
+            deltas += (logps[0].float().cpu() - torch.tensor(sampler_logps)).abs().tolist()
+    return deltas
+
+
 # --------------------------------------------------------------------------- the vLLM server
 def sampling_request(cfg: ExperimentConfig) -> dict:
     """The sampling fields of a /v1/completions request: those of the colocated path."""

@@ -11,7 +11,8 @@ A sweep file only declares its axes::
 and `python sweeps/lora_rank.py --partition gpu` submits it and returns; running the same command
 again submits only the cells that are not complete and not in the queue (`--force`: also the
 complete ones, whose old folder is moved to `<sweep>/.replaced/`). Nothing is submitted when any
-cell is invalid. `--smoke` runs the sweep's shape on the tiny model on this machine in minutes.
+cell is invalid, or changed: its earlier run, complete or not, used other settings (`--force`
+reruns it afresh). `--smoke` runs the sweep's shape on the tiny model on this machine in minutes.
 Exit codes: 0 submitted / nothing to do / dry run, 1 a submission failed, 2 refused.
 """
 

@@ -6,9 +6,9 @@
 pip's dry run (`pip install --dry-run --report`) for a platform other than this one accepts only
 wheels, but a few packages of the stack publish source archives alone (SOURCE_ONLY). Their
 metadata is read from their source archives first (PKG-INFO, or pip's metadata build where
-setup.py computes it; no compiler), and a
-metadata-only stand-in wheel of each (same name, version, dependencies and Python range) lets the
-platform resolution see their dependencies as a real install would. The registry is PyPI alone:
+setup.py computes it; no compiler), and a metadata-only stand-in wheel of each (same name,
+version, dependencies and Python range) lets the platform resolution see their dependencies as a
+real install would. The registry is PyPI alone:
 this machine's pip configuration (its find-links, local indexes, constraints) is set aside, so a
 local wheel or cap cannot make a resolution pass here that fails on a cluster.
 Needs only the standard library, pip and packaging: runs where nothing of the project is installed."""
@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = ROOT / "slurm" / "gpu-constraints.txt"
 INDEX_URL = "https://pypi.org/simple"
 PYTHONS = ("3.11", "3.12")
-# Every manylinux tag a node with glibc >= 2.31 (Ubuntu 20.04, RHEL/Rocky 9) accepts (vLLM 0.31 needs
-# llguidance 1.7, whose wheels need glibc 2.31):
-# pip matches each tag exactly, it does not infer the older ones.
+# Every manylinux tag a node with glibc >= 2.31 (Ubuntu 20.04, RHEL/Rocky 9) accepts: vLLM 0.31
+# needs llguidance 1.7, whose wheels need glibc 2.31. pip matches each tag exactly, it does not
+# infer the older ones.
 PLATFORMS = (*(f"manylinux_2_{n}_x86_64" for n in range(31, 4, -1)),
              "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64")
 # Published as source archives only (no wheel on PyPI): deepspeed, gptqmodel and gptqmodel's
@@ -207,7 +207,7 @@ def constraints_text(stacks: dict[str, dict[str, str]]) -> str:
             lines.append(f"{name}=={next(iter(pins.values()))}")
         else:
             lines += [f'{name}=={version}; python_version == "{python}"' for python, version in pins.items() if version]
-    header = ("# The GPU stack, resolved for Linux x86-64 (glibc >= 2.28) CPython 3.11 and 3.12 by\n"
+    header = ("# The GPU stack, resolved for Linux x86-64 (glibc >= 2.31) CPython 3.11 and 3.12 by\n"
               "# `python slurm/gpu_stack.py --write-constraints`; CI resolves it again (tests/test_gpu_stack.py).\n"
               "# Install: pip install -e '.[gpu]' -c slurm/gpu-constraints.txt   (README: Install on a GPU cluster)\n")
     return header + "\n".join(lines) + "\n"

@@ -165,3 +165,38 @@ def test_the_overhead_benchmark_runs_and_writes_json_and_markdown(tmp_path, monk
         assert figures[f"ours_step_{clock}_s"]["n"] == figures[f"bare_trl_step_{clock}_s"]["n"] == 9
     assert "### overhead" in md.read_text()
     torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- degrading per backend
+def test_a_side_whose_needs_are_absent_is_reported_unavailable():
+    assert bench.unavailable() is None and bench.unavailable("json") is None
+    assert bench.unavailable("no_such_package_here").startswith("unavailable: no_such_package_here does not import")
+    import torch
+
+    assert (bench.unavailable("cuda") is None) == torch.cuda.is_available()
+
+
+def test_grpo_step_rejects_an_unknown_variant_before_running(tmp_path, monkeypatch):
+    monkeypatch.setenv("NLI_GRPO_BENCH_STEP_VARIANTS", "bf16,fp8")
+    with pytest.raises(ValueError, match=r"unknown \['fp8'\]; choose from bf16, fp16_bf16_autocast, bnb4"):
+        bench.bench_grpo_step(tmp_path)
+
+
+@pytest.mark.slow
+def test_without_vllm_grpo_phases_keeps_the_hf_side_and_writes_it(tmp_path):
+    """A GPU node without vLLM: the HF half's figures reach the JSON, the vLLM side says why not
+    (vLLM made unimportable in a fresh interpreter; tiny model, 2 HF steps)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "phases.json"
+    script = "import sys\nsys.modules['vllm'] = None\nfrom nli_grpo.bench import main\nsys.exit(main(sys.argv[1:]))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NLI_GRPO_BENCH_")}
+    proc = subprocess.run([sys.executable, "-c", script, "grpo_phases", "--repeats", "1", "--new-tokens", "4", "--prompts", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())["grpo_phases"]
+    assert figures["vllm"].startswith("unavailable: vllm does not import")
+    assert figures["hf_step_s"]["n"] == 1 and figures["hf_generation_s"]["median"] > 0
+    assert "projection" not in figures and not any(k.startswith("vllm_") for k in figures)

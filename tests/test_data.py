@@ -538,6 +538,8 @@ def test_a_limit_is_a_seeded_sample_that_keeps_label_and_subcase_proportions(tmp
     assert sample["premise"] != [f"le_a premise {i} ." for i in range(8)]  # not the first rows
     ids = sample["id"]
     assert ids == sorted(ids, key=lambda x: int(x.rsplit("-", 1)[1]))  # in the file's order
+    few = load_benchmark("hans_lexical_overlap", local_dir=tmp_path, hub=False, limit=2).dataset  # fewer than subcases
+    assert sorted(few["label"]) == [0, 1]
 
     write_jsonl(tmp_path / "snli.jsonl", [{"premise": f"P{label}{i}.", "hypothesis": "H.", "label": label}
                                           for label, count in ((0, 12), (1, 6), (2, 3)) for i in range(count)])

@@ -27,13 +27,27 @@ from nli_grpo.prompts import UNPARSEABLE, build_messages, extract_label, format_
 
 MODEL = "smollm2-135m"
 PACKAGE, VERSION, MEMBER = GGUF_MODELS[MODEL]
-#: The evaluation sets of the zero-shot tier (a 3-way set of each kind and a HANS set whose first
-#: shipped rows include a non-entailment one) and the rows per set.
+#: The evaluation sets of the zero-shot tier (3-way sets of three kinds, and a HANS set whose
+#: sampled rows include a non-entailment one) and the rows per set (eval.limit's seeded sample).
 ZERO_SHOT_SETS = ["snli", "anli_r1", "hans_lexical_overlap", "diag_logic"]
 ZERO_SHOT_ROWS = 2
+#: New tokens per zero-shot completion: enough for SmolLM2 to start reasoning in its own words.
+ZERO_SHOT_TOKENS = 48
 #: A chat template that is plausible but not SmolLM2's: roles as plain words, no ChatML markers.
 WRONG_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                   "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def _eval_rows() -> list[tuple[str, str]]:
+    """(premise, hypothesis) of the zero-shot rows: ZERO_SHOT_ROWS of every set, as eval.limit samples them."""
+    from nli_grpo.data import load_benchmark
+
+    rows = []
+    for name in ZERO_SHOT_SETS:
+        ds = load_benchmark(name, local_dir="samples", hub=False, limit=ZERO_SHOT_ROWS).dataset
+        rows += list(zip(ds["premise"], ds["hypothesis"]))
+    return rows
+
 
 # --------------------------------------------------------------------------- the staged model
 @pytest.fixture(scope="module")
@@ -175,10 +189,6 @@ def _zero_shot(out: Path, backend: str) -> tuple[dict, dict[str, list[str]]]:
     return block, {name: [r["completion"] for r in read_predictions(CellFolder(out).predictions(name))] for name in block}
 
 
-#: New tokens per zero-shot completion: enough for SmolLM2 to start reasoning in its own words.
-ZERO_SHOT_TOKENS = 48
-
-
 @pytest.fixture(scope="module")
 def zero_shot(smollm2, tmp_path_factory):
     """SmolLM2's zero-shot evaluation by HF generate and by vLLM (CPU build), each on its own."""
@@ -253,16 +263,6 @@ def warm_started(smollm2, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2_sft")
     warm_start(smollm2["path"], out, **WARM_START)
     return out
-
-
-def _eval_rows() -> list[tuple[str, str]]:
-    from nli_grpo.data import load_benchmark
-
-    rows = []
-    for name in ZERO_SHOT_SETS:
-        ds = load_benchmark(name, local_dir="samples", hub=False, limit=ZERO_SHOT_ROWS).dataset
-        rows += list(zip(ds["premise"], ds["hypothesis"]))
-    return rows
 
 
 @pytest.fixture(scope="module")

@@ -94,10 +94,21 @@ run(test_resume.cell({out!r}, {backend!r}, *{extra!r}), reward_funcs=[test_resum
 
 
 def killed_after(out: Path, backend: str, step: int, *extra: str) -> None:
-    """The job for the cell in a process of its own, SIGKILLed at the end of `step`."""
+    """The job for the cell in a process of its own, SIGKILLed at the end of `step`. The kill
+    orphans vLLM's engine process (Slurm's kill of the job's cgroup would take it too): it is
+    killed with the process group the job was started in."""
     script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), step=step, out=str(out), backend=backend, extra=extra)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
+    log = out.parent / "killed_job.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    try:
+        returncode = proc.wait(timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert returncode == -signal.SIGKILL, log.read_text()[-4000:]
 
 
 def logged_steps(out: Path) -> list[dict]:

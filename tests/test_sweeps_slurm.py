@@ -281,7 +281,7 @@ def test_one_command_builds_the_pool_then_trains_on_it_and_a_rerun_submits_nothi
 
     def all_complete():
         lines = status.sweep_status(sweep_dir, queue=slurm.queued_jobs)
-        return all(s.state == "complete" for s in lines) and lines
+        return all(s.state == "complete" and not s.queued for s in lines) and lines  # and their jobs ended
     wait_for("the pool, then both cells", all_complete, 420, logs=sweep_dir / "logs")
     times = sacct_times([j for j, _ in (*pool_jobs.values(), *cell_jobs.values())])
     shard_end = max(times[pool_jobs[p][0]][1] for p in ("shard-00-of-02", "shard-01-of-02"))
@@ -330,7 +330,7 @@ def test_a_failed_merge_leaves_the_cells_blocked_and_a_rerun_after_the_fix_compl
 
     def all_complete():
         lines = status.sweep_status(sweep_dir, queue=slurm.queued_jobs)
-        return all(s.state == "complete" for s in lines) and lines
+        return all(s.state == "complete" and not s.queued for s in lines) and lines  # and their jobs ended
     wait_for("the cells after the fixed pool", all_complete, 420, logs=sweep_dir / "logs")
     assert folder.complete() and not queued({j for j, _ in manifest.latest_jobs(manifest.read_manifest(sweep_dir)).values()})
 

@@ -53,28 +53,45 @@ def isolated_pip_env() -> dict:
 
 
 def download(python_version: str, folder: Path) -> int:
-    """The wheels for the GPU machine's Python into `folder` (a pure-Python package that publishes
-    only a source archive is built into a wheel here); refuses a set over the carry limit."""
+    """The wheels for the GPU machine's Python into `folder`; refuses a set over the carry limit."""
     folder.mkdir(exist_ok=True)
     for old in folder.glob("*.whl"):
         old.unlink()
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
-    for requirement in wheel_requirements():
-        base = [sys.executable, "-m", "pip", "-q", "--no-input"]
-        fetch = [*base, "download", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
-                 "--implementation", "cp", *platforms, "-d", str(folder), requirement]
-        if subprocess.run(fetch, env=isolated_pip_env()).returncode != 0:
-            print(f"{requirement}: no wheel for CPython {python_version}; building one here (pure Python)", flush=True)
-            build = [*base, "wheel", "--no-deps", "-w", str(folder), requirement]
-            if subprocess.run(build, env=isolated_pip_env()).returncode != 0:
-                print(f"error: could not get a wheel of {requirement}", file=sys.stderr)
-                return 1
+    fetch = [sys.executable, "-m", "pip", "-q", "--no-input", "download", "--no-deps", "--only-binary=:all:",
+             "--python-version", python_version, "--implementation", "cp", *platforms, "-d", str(folder), *wheel_requirements()]
+    if subprocess.run(fetch, env=isolated_pip_env()).returncode != 0:
+        return 1
     total = sum(f.stat().st_size for f in folder.glob("*.whl"))
     print(f"{len(list(folder.glob('*.whl')))} wheels, {total / 2**20:.1f} MiB in {folder}")
     if total + repository_bytes() > CARRY_LIMIT:
         print(f"error: the wheels and the repository exceed {CARRY_LIMIT // 2**20} MiB", file=sys.stderr)
         return 1
     return 0
+
+
+def wheel_sizes(python_version: str) -> dict[str, int]:
+    """requirement -> bytes of the wheel `--download` takes for it (PyPI's index, nothing fetched)."""
+    import urllib.request
+
+    from packaging.tags import compatible_tags, cpython_tags
+    from packaging.utils import parse_wheel_filename
+
+    version = tuple(int(part) for part in python_version.split("."))
+    accepted = {*cpython_tags(version, platforms=PLATFORMS), *compatible_tags(version, platforms=PLATFORMS)}
+    sizes = {}
+    for requirement in wheel_requirements():
+        name, pinned = requirement.split("==")
+        request = urllib.request.Request(f"https://pypi.org/simple/{name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = json.load(response)["files"]
+        fitting = [f["size"] for f in files if f["filename"].endswith(".whl")
+                   and str(parse_wheel_filename(f["filename"])[1]) == pinned
+                   and parse_wheel_filename(f["filename"])[3] & accepted]
+        if not fitting:
+            raise SystemExit(f"error: no wheel of {requirement} for CPython {python_version} on Linux x86-64")
+        sizes[requirement] = max(fitting)
+    return sizes
 
 
 def repository_bytes() -> int:
