@@ -442,6 +442,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(cfg.output.wandb_mode is None or cfg.output.wandb_mode in WANDB_MODES,
              f"output.wandb_mode={cfg.output.wandb_mode!r} is not allowed; choose one of: {', '.join(WANDB_MODES)}, "
              "or null for $WANDB_MODE / offline when the job runs offline")
+    pf = cfg.preflight
+    _require(pf.cycles >= 2, f"preflight.cycles={pf.cycles} must be at least 2 (the first generation cycle warms up)")
+    _require(pf.prompts >= 1 and pf.greedy_tokens >= 1 and pf.perturbation_std > 0,
+             "preflight.prompts, preflight.greedy_tokens and preflight.perturbation_std must be positive")
+    _require(0 < pf.memory_headroom <= 1 and 0 < pf.time_headroom <= 1,
+             "preflight.memory_headroom and preflight.time_headroom are shares: in (0, 1]")
     _validate_rollout(cfg)
 
 

@@ -68,8 +68,6 @@ def refusal(cfg: ExperimentConfig) -> str | None:
     if cfg.rollout.backend == "vllm_server":
         return ("rollout.backend=vllm_server is not preflighted yet (the server is started by the cell's job); "
                 "preflight the same model with rollout.backend=vllm to check loading, agreement and memory")
-    if cfg.preflight.cycles < 2:
-        return f"preflight.cycles={cfg.preflight.cycles}: at least 2 (the first warms up, the others are timed)"
     return None
 
 
@@ -162,10 +160,13 @@ def check_agreement(trainer, cfg: ExperimentConfig, base_deltas: list[float] | N
     hf_first = _hf_greedy(model, tokenizer, prompts, p.greedy_tokens)
     doc: dict = {"applies": vllm, "prompts": len(prompts)}
     if not vllm:
+        # A warm-started model's first tokens can resist a small adapter: its log-probs cannot.
+        shift = _adapter_logprob_shift(trainer, model, prompts, base_greedy)
         doc["why"] = ("rollout.backend=hf: the trainer's own model samples (HF generate), so sampler and trainer cannot "
-                      "disagree; checked: a non-zero adapter changes the greedy output (LoRA is active)")
+                      "disagree; checked: a non-zero adapter changes the greedy output or its log-probs (LoRA is active)")
         doc["greedy"] = {"sampler": "hf", "prompts": len(prompts), "tokens": p.greedy_tokens, "matching_prompts": len(prompts),
-                         "adapter_applied": hf_first != base_greedy, "stale": False}
+                         "adapter_changed_tokens": hf_first != base_greedy, "adapter_logprob_shift": round(shift, 6),
+                         "adapter_applied": hf_first != base_greedy or shift > 1e-4, "stale": False}
         return doc
     sampler_base = _sampler_base(trainer, prompts, p.greedy_tokens)
     _new_version(trainer)
@@ -193,6 +194,22 @@ def check_agreement(trainer, cfg: ExperimentConfig, base_deltas: list[float] | N
                    "republished_matching_prompts": sum(a == b for a, b in zip(sampler_second, hf_second))},
     })
     return doc
+
+
+def _adapter_logprob_shift(trainer, model, prompt_ids: list[list[int]], completions: list[list[int]]) -> float:
+    """Mean |log p with the adapter - log p without| per token of `completions`, by the trainer."""
+    import torch
+
+    shifts: list[float] = []
+    with torch.no_grad():
+        for prompt, completion in zip(prompt_ids, completions):
+            ids = torch.tensor([list(prompt) + list(completion)], device=trainer.accelerator.device)
+            mask = torch.ones_like(ids)
+            with_adapter = trainer._get_per_token_logps_and_entropies(model, ids, mask, len(completion))[0]
+            with model.disable_adapter():
+                without = trainer._get_per_token_logps_and_entropies(model, ids, mask, len(completion))[0]
+            shifts += (with_adapter - without).abs().flatten().tolist()
+    return sum(shifts) / max(1, len(shifts))
 
 
 def _sampler_base(trainer, prompt_ids: list[list[int]], tokens: int) -> list[list[int]]:
@@ -273,6 +290,7 @@ def run_preflight(cfg: ExperimentConfig, out: Path, signal_delay_s: float = SIGN
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
+        trainer._generate_single_turn = generate  # the agreement checks' generations are not training's
         memory = _memory(cfg, trainer)
         agreement = check_agreement(trainer, cfg, base_deltas)
     finally:

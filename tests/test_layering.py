@@ -79,7 +79,8 @@ def test_a_dry_run_against_slurm_loads_no_heavy_package(tmp_path):
 
 def test_login_side_modules_import_no_heavy_package():
     modules = ["nli_grpo.sweep", "nli_grpo.launch", "nli_grpo.status", "nli_grpo.job", "nli_grpo.manifest",
-               "nli_grpo.slurm", "nli_grpo.grid", "nli_grpo.catalog", "nli_grpo.layout", "nli_grpo.aggregate.__main__"]
+               "nli_grpo.slurm", "nli_grpo.grid", "nli_grpo.catalog", "nli_grpo.layout", "nli_grpo.verdict",
+               "nli_grpo.aggregate.__main__"]
     code = (f"import sys\nimport {', '.join(modules)}\n"
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -35,9 +35,10 @@ TIME_LIMIT_S = 570         # the whole check, install included, inside a 10-minu
 PAPER_32B_GB = 22          # the paper: 32B (AWQ) GRPO within 22 GB of CUDA memory
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
-# (name in the JSON, benchmark model, grpo_step variants)
-BENCHMARKS = [("grpo_step_7b", "random:qwen2.5-7b", "bf16,fp16_bf16_autocast,bnb4"),
-              ("grpo_step_32b_bnb4", "random:qwen2.5-32b", "bnb4")]
+PYTEST_MAX_S = 240        # pytest -m gpu's share, so that the benchmarks always get their turn
+# (name in the JSON, benchmark model, grpo_step variants, most seconds: None = what is left)
+BENCHMARKS = [("grpo_step_7b", "random:qwen2.5-7b", "bf16,fp16_bf16_autocast,bnb4", 180),
+              ("grpo_step_32b_bnb4", "random:qwen2.5-32b", "bnb4", None)]
 
 
 def wheel_requirements() -> list[str]:
@@ -119,7 +120,7 @@ def collect_gpu_tests() -> int:
 
 def check_benchmarks() -> None:
     """The benchmark and variants each step names exist (nli_grpo.bench, in a child process)."""
-    variants = sorted({v for _, _, names in BENCHMARKS for v in names.split(",")})
+    variants = sorted({v for _, _, names, _ in BENCHMARKS for v in names.split(",")})
     probe = ("import sys; from nli_grpo.bench import BENCHMARKS, GRPO_STEP_VARIANTS; "
              f"missing = {{'grpo_step'}} - set(BENCHMARKS) | set({variants!r}) - set(GRPO_STEP_VARIANTS); "
              "sys.exit(f'unknown: {sorted(missing)}' if missing else 0)")
@@ -163,14 +164,15 @@ class Check:
         partial.write_text(json.dumps(self.results, indent=2) + "\n")
         os.replace(partial, self.out)
 
-    def run(self, name: str, cmd: list[str]) -> subprocess.CompletedProcess | None:
-        """`cmd` with what is left of the time; None (and the step marked) when it runs out."""
+    def run(self, name: str, cmd: list[str], max_s: float | None = None) -> subprocess.CompletedProcess | None:
+        """`cmd` for at most `max_s` and what is left of the time; None (and the step marked) when it runs out."""
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         if self.left() < 30:
             self.results[name] = {"skipped": "no time left"}
             return None
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=self.env, timeout=self.left(), text=True, capture_output=True)
+            proc = subprocess.run(cmd, cwd=ROOT, env=self.env, timeout=min(self.left(), max_s or TIME_LIMIT_S),
+                                  text=True, capture_output=True)
         except subprocess.TimeoutExpired:
             self.results[name] = {"timed_out": True}
             return None
@@ -181,7 +183,7 @@ class Check:
     def pytest_gpu(self) -> None:
         junit = Path(tempfile.mkdtemp()) / "junit.xml"
         proc = self.run("pytest_gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-s", "-p", "no:cacheprovider",
-                                       f"--junitxml={junit}", *gpu_test_files()])
+                                       f"--junitxml={junit}", *gpu_test_files()], PYTEST_MAX_S)
         if proc is None:
             return
         tests = {}
@@ -194,11 +196,11 @@ class Check:
         self.results["pytest_gpu"] = {"exit_code": proc.returncode, "tests": tests,
                                       "printed": re.findall(r"^\S*7B .*GB.*$", proc.stdout, re.MULTILINE)}
 
-    def bench(self, name: str, model: str, variants: str) -> None:
+    def bench(self, name: str, model: str, variants: str, max_s: float | None) -> None:
         figures_file = Path(tempfile.mkdtemp()) / f"{name}.json"
         env_before = self.env
         self.env = {**env_before, "NLI_GRPO_BENCH_STEP_VARIANTS": variants}
-        proc = self.run(name, [sys.executable, "-m", "nli_grpo.bench", "grpo_step", "--model", model, "--json", str(figures_file)])
+        proc = self.run(name, [sys.executable, "-m", "nli_grpo.bench", "grpo_step", "--model", model, "--json", str(figures_file)], max_s)
         self.env = env_before
         if proc is not None or figures_file.exists():
             figures = json.loads(figures_file.read_text())["grpo_step"] if figures_file.exists() else {}
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wheels = sorted(args.wheels.glob("*.whl"))
     plan = {"wheels": [w.name for w in wheels], "pytest": gpu_test_files(),
-            "benchmarks": {name: {"model": model, "variants": variants} for name, model, variants in BENCHMARKS}}
+            "benchmarks": {name: {"model": model, "variants": variants} for name, model, variants, _ in BENCHMARKS}}
     device = cuda_device()
     if device is None:
         print("No CUDA GPU here: dry run. Nothing is measured; this is what a GPU machine would run:")
@@ -247,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     check.save()
     check.pytest_gpu()
     check.save()
-    for name, model, variants in BENCHMARKS:
-        check.bench(name, model, variants)
+    for name, model, variants, max_s in BENCHMARKS:
+        check.bench(name, model, variants, max_s)
         check.save()
     step_32b = check.results.get("grpo_step_32b_bnb4", {})
     if isinstance(step_32b.get("bnb4_peak_memory_gb"), (int, float)):

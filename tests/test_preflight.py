@@ -1,0 +1,91 @@
+"""The preflight (`python -m nli_grpo.preflight`), for real on the tiny model: real GRPO steps,
+vLLM's CPU build colocated with adapter hot-swap, and the verdict file it writes. A healthy run
+passes; runs broken on purpose (the adapter never reaches vLLM; vLLM in another dtype than the
+trainer; a cell asking for too little memory and time) fail with the reason. Nothing here writes
+a verdict by hand: each failure comes from a run that is really broken."""
+
+from __future__ import annotations
+
+import pytest
+
+from nli_grpo.config import load_config
+from nli_grpo.layout import preflight_file
+from nli_grpo.preflight import main
+from nli_grpo.verdict import combination, read_verdict
+
+pytestmark = [pytest.mark.slow]
+
+#: The smoke recipe shrunk to what the checks need: 2 prompts x 4 completions of 8 tokens a step.
+SMALL = ["model.name_or_path=tiny", "grpo.completions_per_step=8", "grpo.max_completion_length=8", "grpo.num_iterations=1",
+         "eval.limit=2", "preflight.prompts=2", "preflight.greedy_tokens=8"]
+
+
+def preflight(tmp_path, *args: str) -> tuple[int, dict]:
+    out = tmp_path / "verdict.json"
+    code = main(["--config", "smoke", "--out", str(out), *SMALL, *args])
+    return code, read_verdict(out)
+
+
+def reasons(doc: dict, check: str) -> str:
+    return " | ".join(r["reason"] for r in doc["reasons"] if r["check"] == check)
+
+
+def test_combination_names_the_verdict_file():
+    cfg = load_config("smoke", ["rollout.backend=vllm"])
+    assert combination(cfg) == "tiny-sft__bf16__vllm__g0"
+    # LoRA rank and seed do not make another combination
+    assert combination(load_config("smoke", ["rollout.backend=vllm", "lora.rank=64", "seed=3"])) == combination(cfg)
+    assert preflight_file("results/smoke", combination(cfg)).as_posix() == "results/smoke/preflight/tiny-sft__bf16__vllm__g0.json"
+
+
+@pytest.mark.vllm
+def test_a_healthy_vllm_combination_passes(tmp_path):
+    code, doc = preflight(tmp_path, "rollout.backend=vllm")
+    assert (code, doc["verdict"], doc["reasons"]) == (0, "pass", [])
+    assert doc["combination"] == "tiny__bf16__vllm__g0"
+    agreement = doc["agreement"]
+    assert agreement["sampler_dtype"] == agreement["trainer_dtype"] == "float32"
+    for state in ("base", "adapter"):  # float32 on both sides: the same numbers up to summation order
+        assert agreement["logprob_delta"][state]["tokens"] > 0 and agreement["logprob_delta"][state]["max"] < 1e-3
+    assert agreement["greedy"] == {**agreement["greedy"], "adapter_applied": True, "stale": False, "matching_prompts": 2}
+    steps = doc["steps"]
+    assert steps["steps"] == 2 and steps["seconds_per_step"] > 0 and steps["generation_tokens_per_s"] > 0
+    assert doc["memory"]["vllm_engine_rss_gb"] > 0 and doc["memory"]["peak_gb"] < 8
+    assert doc["fit"]["projected_s"] > 40 * steps["seconds_per_step"]  # the cell's max_steps, not the preflight's
+
+
+@pytest.mark.vllm
+def test_an_adapter_that_never_reaches_vllm_fails(tmp_path, monkeypatch):
+    from nli_grpo.rollout import AdapterHotSwap
+
+    publish = AdapterHotSwap.sync
+
+    def first_version_only(self, peft_model, step):  # the bug: later versions are never handed to vLLM
+        return self.request if self.request is not None else publish(self, peft_model, step)
+
+    monkeypatch.setattr(AdapterHotSwap, "sync", first_version_only)
+    code, doc = preflight(tmp_path, "rollout.backend=vllm")
+    assert (code, doc["verdict"]) == (1, "fail")
+    why = reasons(doc, "agreement")
+    assert "the adapter is not applied" in why and "adapter: the sampler's and the trainer's log-probs" in why, why
+    assert doc["agreement"]["logprob_delta"]["base"]["max"] < 1e-3  # the zero adapter (the base) still agrees
+
+
+@pytest.mark.vllm
+def test_vllm_in_another_dtype_than_the_trainer_fails(tmp_path, monkeypatch):
+    from nli_grpo import rollout
+
+    monkeypatch.setattr(rollout, "_engine_dtype", lambda cfg, purpose: "bfloat16")  # the bug: the engine ignores the recipe
+    code, doc = preflight(tmp_path, "rollout.backend=vllm")
+    assert (code, doc["verdict"]) == (1, "fail")
+    assert "the sampler runs in bfloat16 but the trainer computes in float32" in reasons(doc, "agreement")
+
+
+def test_a_cell_asking_too_little_memory_and_time_fails(tmp_path):
+    # HF rollouts of the smoke recipe's warm-started model and batch (32 completions of 32 tokens): > 1 GB resident here
+    code, doc = preflight(tmp_path, "rollout.backend=hf", "model.name_or_path=tiny-sft", "grpo.completions_per_step=32",
+                          "grpo.max_completion_length=32", "resources.mem_gb=1", "--time", "6")
+    assert (code, doc["verdict"]) == (1, "fail")
+    assert doc["memory"]["peak_gb"] > 1 and "raise resources.mem_gb" in reasons(doc, "memory")
+    assert doc["fit"]["budget_s"] == 6 * 60 - 300 and "ask for --time" in reasons(doc, "time")
+    assert doc["agreement"]["applies"] is False and doc["agreement"]["greedy"]["adapter_applied"] is True
