@@ -197,14 +197,23 @@ class Check:
                                       "printed": re.findall(r"^\S*7B .*GB.*$", proc.stdout, re.MULTILINE)}
 
     def bench(self, name: str, model: str, variants: str, max_s: float | None) -> None:
-        figures_file = Path(tempfile.mkdtemp()) / f"{name}.json"
-        env_before = self.env
-        self.env = {**env_before, "NLI_GRPO_BENCH_STEP_VARIANTS": variants}
-        proc = self.run(name, [sys.executable, "-m", "nli_grpo.bench", "grpo_step", "--model", model, "--json", str(figures_file)], max_s)
-        self.env = env_before
-        if proc is not None or figures_file.exists():
-            figures = json.loads(figures_file.read_text())["grpo_step"] if figures_file.exists() else {}
-            self.results[name] = {**self.results.get(name, {}), **figures, "exit_code": proc.returncode if proc else None}
+        """grpo_step on `model`, one process per variant (a variant cut short costs only itself),
+        all of them within `max_s`; their figures merged under `name`."""
+        deadline = time.monotonic() + (max_s or TIME_LIMIT_S)
+        merged: dict = {}
+        for variant in variants.split(","):
+            figures_file = Path(tempfile.mkdtemp()) / "figures.json"
+            env_before, self.env = self.env, {**self.env, "NLI_GRPO_BENCH_STEP_VARIANTS": variant}
+            proc = self.run(f"{name}_{variant}", [sys.executable, "-m", "nli_grpo.bench", "grpo_step", "--model", model,
+                                                  "--json", str(figures_file)], max(1.0, deadline - time.monotonic()))
+            self.env = env_before
+            if figures_file.exists():
+                merged.update(json.loads(figures_file.read_text())["grpo_step"])
+            else:
+                merged[variant] = self.results.pop(f"{name}_{variant}", None) or {"exit_code": proc.returncode,
+                                                                                 "stderr": proc.stderr[-1500:]}
+            self.results[name] = merged
+            self.save()
 
 
 def main(argv: list[str] | None = None) -> int:
