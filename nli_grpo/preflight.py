@@ -128,13 +128,30 @@ def _hf_greedy(model, tokenizer, prompt_ids: list[list[int]], tokens: int) -> li
     return out
 
 
-def _sampler_greedy(trainer, prompt_ids: list[list[int]], tokens: int) -> list[list[int]]:
-    """The rollout engine's greedy completions with the trainer's current adapter (published as a
-    generation batch would publish it)."""
+def _sampler_greedy(trainer, prompt_ids: list[list[int]], tokens: int, adapter: bool = True) -> tuple[list, list]:
+    """The rollout engine's greedy completions and their tokens' log-probs, with the trainer's
+    current adapter (published as a generation batch would publish it) or, `adapter=False`,
+    without any (the base as vLLM serves it)."""
     from vllm import SamplingParams
 
-    outputs = trainer.rollout_generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=tokens))
-    return [list(o.outputs[0].token_ids) for o in outputs]
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, logprobs=0)
+    if adapter:
+        outputs = trainer.rollout_generate(prompt_ids, params)
+    else:
+        outputs = trainer.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+    samples = [o.outputs[0] for o in outputs]
+    return ([list(c.token_ids) for c in samples],
+            [[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in samples])
+
+
+def _output_changed(tokens: list, logps: list, base_tokens: list, base_logps: list) -> bool:
+    """Whether an adapter changed the sampler's greedy output: other tokens, or the same tokens at
+    other log-probs (a warm-started model's first tokens can resist a small adapter; their
+    probabilities cannot)."""
+    if tokens != base_tokens:
+        return True
+    shifts = [abs(a - b) for row, base in zip(logps, base_logps) for a, b in zip(row, base)]
+    return bool(shifts) and sum(shifts) / len(shifts) > 1e-4
 
 
 def _new_version(trainer) -> None:
@@ -168,19 +185,21 @@ def check_agreement(trainer, cfg: ExperimentConfig, base_deltas: list[float] | N
                          "adapter_changed_tokens": hf_first != base_greedy, "adapter_logprob_shift": round(shift, 6),
                          "adapter_applied": hf_first != base_greedy or shift > 1e-4, "stale": False}
         return doc
-    sampler_base = _sampler_base(trainer, prompts, p.greedy_tokens)
+    base_tokens, base_logps = _sampler_greedy(trainer, prompts, p.greedy_tokens, adapter=False)
     _new_version(trainer)
     repeated = [ids for ids in prompts for _ in range(cfg.grpo.num_generations)]
     from .rollout import sampler_logprob_deltas
 
     adapter_deltas = sampler_logprob_deltas(trainer, repeated)
-    sampler_first = _sampler_greedy(trainer, prompts, p.greedy_tokens)
+    sampler_first, first_logps = _sampler_greedy(trainer, prompts, p.greedy_tokens)
     # A second, different adapter: the sampler must serve it, not the version before.
     _perturb_adapter(model, p.perturbation_std, PERTURBATION_SEED + 1)
     _new_version(trainer)
     hf_second = _hf_greedy(model, tokenizer, prompts, p.greedy_tokens)
-    sampler_second = _sampler_greedy(trainer, prompts, p.greedy_tokens)
-    stale = sampler_second != hf_second and sampler_second == sampler_first and hf_second != hf_first
+    sampler_second, second_logps = _sampler_greedy(trainer, prompts, p.greedy_tokens)
+    # Stale: the sampler's output is still the previous version's, tokens and log-probs, though
+    # the second adapter is another one (other seed).
+    stale = not _output_changed(sampler_second, second_logps, sampler_first, first_logps)
     doc.update({
         "sampler_dtype": str(trainer.llm.llm_engine.model_config.dtype).removeprefix("torch."),
         "trainer_dtype": str(model.get_base_model().dtype).removeprefix("torch."),
@@ -189,7 +208,8 @@ def check_agreement(trainer, cfg: ExperimentConfig, base_deltas: list[float] | N
         "logprob_delta": {"base": _delta_figures(base_deltas or []), "adapter": _delta_figures(adapter_deltas)},
         "greedy": {"sampler": "vllm", "prompts": len(prompts), "tokens": p.greedy_tokens,
                    "matching_prompts": sum(a == b for a, b in zip(sampler_first, hf_first)),
-                   "adapter_applied": sampler_first != sampler_base,
+                   "adapter_changed_tokens": sampler_first != base_tokens,
+                   "adapter_applied": _output_changed(sampler_first, first_logps, base_tokens, base_logps),
                    "stale": stale,
                    "republished_matching_prompts": sum(a == b for a, b in zip(sampler_second, hf_second))},
     })
@@ -210,15 +230,6 @@ def _adapter_logprob_shift(trainer, model, prompt_ids: list[list[int]], completi
                 without = trainer._get_per_token_logps_and_entropies(model, ids, mask, len(completion))[0]
             shifts += (with_adapter - without).abs().flatten().tolist()
     return sum(shifts) / max(1, len(shifts))
-
-
-def _sampler_base(trainer, prompt_ids: list[list[int]], tokens: int) -> list[list[int]]:
-    """The rollout engine's greedy completions without any adapter (the base as vLLM serves it)."""
-    from vllm import SamplingParams
-
-    outputs = trainer.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids],
-                                   SamplingParams(temperature=0.0, max_tokens=tokens), use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outputs]
 
 
 def _memory(cfg: ExperimentConfig, trainer) -> dict:

@@ -79,11 +79,17 @@ def _write_prepared(stem: str, rows: list[dict], no_gold: int, entry: dict) -> d
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     entry = {**entry, "rows": len(rows), "dropped_no_gold": no_gold,
              "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "prepared_at": now_iso()}
+    _record_in_lock("data", stem, entry)
+    return entry
+
+
+def _record_in_lock(section: str, name: str, entry: dict) -> None:
+    """Record one prepared set or model in the cache's lock file (under its lock: several prepares,
+    of several users, may run at once)."""
     with cache.locked():
         lock = cache.read_lock()
-        lock["data"][stem] = entry
+        lock[section][name] = entry
         atomic_write_json(cache.lock_path(), lock)
-    return entry
 
 
 def prepare_from_hub(stem: str) -> dict:
@@ -145,10 +151,7 @@ def prepare_model(name: str, revision: str | None) -> dict:
 
     path = snapshot_download(name, revision=revision, cache_dir=cache.hub_cache_dir(), ignore_patterns=MODEL_IGNORE)
     entry = {"requested": revision or "main", "revision": Path(path).name, "path": str(path), "prepared_at": now_iso()}
-    with cache.locked():
-        lock = cache.read_lock()
-        lock["models"][name] = entry
-        atomic_write_json(cache.lock_path(), lock)
+    _record_in_lock("models", name, entry)
     return entry
 
 
@@ -253,10 +256,7 @@ def stage_gguf(source: str, name: str | None = None) -> dict:
     entry = {"source": where, "gguf_file": gguf_file.name, "gguf_sha256": digest, "gguf_quantization": file_type,
              "gguf_tensor_types": tensor_types, "revision": f"gguf-sha256:{digest}", "path": str(target),
              "prepared_at": now_iso()}
-    with cache.locked():
-        lock = cache.read_lock()
-        lock["models"][name] = entry
-        atomic_write_json(cache.lock_path(), lock)
+    _record_in_lock("models", name, entry)
     return entry
 
 

@@ -81,6 +81,30 @@ def _ok(variant: Variant | None, column: str) -> Stat | None:
     return stat if stat is not None and stat.state == "ok" else None
 
 
+def _column_panels(sweep: SweepResults):
+    """A figure with one small panel per table column, four to a row."""
+    ncols = min(4, len(sweep.columns))
+    nrows = math.ceil(len(sweep.columns) / ncols)
+    fig = _new_figure(3.2 * ncols, 2.6 * nrows + 1.0, bottom=1.0, left=0.5)
+    return fig, list(fig.subplots(nrows, ncols, squeeze=False).flat)
+
+
+def _finish_panels(fig, panels: list, sweep: SweepResults, path: Path, title: str, legend_columns: int) -> Path:
+    """Titles and labels of the column panels, the spare panels hidden, one legend; saved to `path`."""
+    for ax, column in zip(panels, sweep.columns):
+        ax.set_title(sweep.column_label(column), fontsize=9)
+        ax.set_ylabel("%", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in panels[len(sweep.columns):]:
+        ax.set_visible(False)
+    handles, labels = panels[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), legend_columns), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot_accuracy_vs_rank(sweep: SweepResults, path: Path) -> Path | None:
     """One panel per column: metric vs LoRA rank, a line per other-axes group, dashed zero-shot
     (the group's baseline, found as the tables find it)."""
@@ -90,10 +114,7 @@ def plot_accuracy_vs_rank(sweep: SweepResults, path: Path) -> Path | None:
     group_axes = [a for a in sweep.axes if a not in ("stage", "lora_rank")]
     groups = sweep.groups(group_axes, having="lora_rank")
     shown = [a for a in group_axes if sweep.varies(a, having="lora_rank")]
-    ncols = min(4, len(sweep.columns))
-    nrows = math.ceil(len(sweep.columns) / ncols)
-    fig = _new_figure(3.2 * ncols, 2.6 * nrows + 1.0, bottom=1.0, left=0.5)
-    panels = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    fig, panels = _column_panels(sweep)
     for color, group in zip(_colors(len(groups)), groups):
         zero_shot = sweep.find(**baseline_axes(sweep, group))
         for ax, column in zip(panels, sweep.columns):
@@ -102,21 +123,12 @@ def plot_accuracy_vs_rank(sweep: SweepResults, path: Path) -> Path | None:
                 _draw(ax, [r for r, _ in points], [s for _, s in points], color=color, label=_label(group, shown))
             if base := _ok(zero_shot, column):
                 ax.axhline(100 * base.mean, color=color, ls="--", lw=1)
-    for ax, column in zip(panels, sweep.columns):
+    for ax in panels:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, labels=[str(r) for r in ranks])
         ax.minorticks_off()
-        ax.set_title(sweep.column_label(column), fontsize=9)
-        ax.set_ylabel("%", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in panels[len(sweep.columns):]:
-        ax.set_visible(False)
-    handles, labels = panels[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 6), fontsize=8)
-    fig.suptitle(f"{sweep.name}: {sweep.metric} vs LoRA rank ({ERROR_BARS}; dashed: zero-shot)", fontsize=10)
-    fig.savefig(path, dpi=110)
-    return path
+    return _finish_panels(fig, panels, sweep, path, legend_columns=6,
+                          title=f"{sweep.name}: {sweep.metric} vs LoRA rank ({ERROR_BARS}; dashed: zero-shot)")
 
 
 #: What the error bars of every plot are.
@@ -131,29 +143,17 @@ def plot_accuracy_vs_model(sweep: SweepResults, path: Path) -> Path | None:
     line_axes = [a for a in sweep.axes if a != "model"]
     lines = sweep.groups(line_axes)
     shown = [a for a in line_axes if len({line[a] for line in lines}) > 1]
-    ncols = min(4, len(sweep.columns))
-    nrows = math.ceil(len(sweep.columns) / ncols)
-    fig = _new_figure(3.2 * ncols, 2.6 * nrows + 1.0, bottom=1.0, left=0.5)
-    panels = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    fig, panels = _column_panels(sweep)
     for color, line in zip(_colors(len(lines)), lines):
         for ax, column in zip(panels, sweep.columns):
             points = [(i, s) for i, m in enumerate(models) if (s := _ok(sweep.find(**line, model=m), column))]
             if points:
                 _draw(ax, [i for i, _ in points], [s for _, s in points], color=color,
                       ls="--" if line.get("stage") == "zero_shot" else "-", label=_label(line, shown))
-    for ax, column in zip(panels, sweep.columns):
+    for ax in panels:
         ax.set_xticks(range(len(models)), labels=models, rotation=20, fontsize=7)
-        ax.set_title(sweep.column_label(column), fontsize=9)
-        ax.set_ylabel("%", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in panels[len(sweep.columns):]:
-        ax.set_visible(False)
-    handles, labels = panels[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 5), fontsize=8)
-    fig.suptitle(f"{sweep.name}: {sweep.metric} vs model size ({ERROR_BARS})", fontsize=10)
-    fig.savefig(path, dpi=110)
-    return path
+    return _finish_panels(fig, panels, sweep, path, legend_columns=5,
+                          title=f"{sweep.name}: {sweep.metric} vs model size ({ERROR_BARS})")
 
 
 def _bar_chart(sweep: SweepResults, path: Path, series: list[tuple[str, list[Stat]]], title: str, ylabel: str) -> Path:
