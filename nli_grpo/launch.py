@@ -222,6 +222,8 @@ class CellJob:
             break
         doc = results.load_existing(CellFolder(self.run_dir).result) or {}
         if code == EXIT_PREEMPTED or self._stopping:
+            if not self._stopping:
+                self._requeue_if_preempted()
             # Not a failure: the step is saved. Exit with EXIT_PREEMPTED rather than raise, for
             # submitit logs any exception with a traceback (SystemExit passes through it unlogged).
             log.warning("%s: stopped by a signal after saving (exit %s); it resumes when requeued, or when the "
@@ -230,6 +232,21 @@ class CellJob:
         if code != 0:
             raise RuntimeError(f"{self.run_dir}: `{shlex.join(self.command)}` exited with {code}: {doc.get('error')}")
         return {"run_dir": self.run_dir, "status": doc.get("status"), "attempts": doc.get("slurm", {}).get("attempts")}
+
+    def _requeue_if_preempted(self) -> None:
+        """The training stopped on a SIGTERM: if it was Slurm's preemption (a cluster without
+        preempt_send_user_signal sends no USR2 then, so submitit's checkpoint() never ran), requeue
+        this job; Slurm would record its exit within GraceTime as FAILED and never start it again."""
+        from . import slurm
+
+        job = current_job()
+        if job is None:
+            return
+        try:
+            if slurm.requeue_if_preempted(job):
+                log.warning("job %s is preempted (SIGTERM, no user signal): requeued it; the cell resumes from its last checkpoint", job)
+        except slurm.SlurmError as err:
+            log.error("could not requeue job %s after a SIGTERM: %s; run the sweep again to resume the cell", job, err)
 
     def serving(self):
         """The cell's vLLM server while its training runs (`rollout.backend: vllm_server`, see

@@ -157,10 +157,29 @@ def mark_checkpoint_complete(checkpoint: Path, step: int) -> None:
     first its files get the modes open() would give them under the umask (safetensors writes
     its weights 0600), so that a shared results tree serves the whole group."""
     files.follow_umask(checkpoint)
+    # The trainer's writes may still sit in the page cache: on disk first, or a crash (a node
+    # losing power) could leave a marker on a checkpoint whose data never got there.
+    _sync_tree(checkpoint)
     with open(checkpoint / COMPLETE_MARKER, "w") as f:
         f.write(f"{step}\n")
         f.flush()
         os.fsync(f.fileno())
+    _sync(checkpoint)  # the marker's folder entry
+
+
+def _sync_tree(top: Path) -> None:
+    """fsync every file under `top`, then the folders naming them, deepest first."""
+    found = sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    for path in [p for p in found if p.is_file() and not p.is_symlink()] + [p for p in found if p.is_dir()] + [top]:
+        _sync(path)
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a read-only descriptor is enough for fsync, folders included
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def adapter_from_checkpoint(checkpoint: Path, target: Path) -> None:

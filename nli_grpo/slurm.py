@@ -148,6 +148,14 @@ def parse_partition_limits(text: str) -> dict:
             "grace_time_s": int(grace.group(1)) if grace else None}
 
 
+def parse_being_preempted(text: str) -> bool:
+    """`scontrol show job -o J` -> whether the job is running and selected for preemption (its
+    PreemptTime set): what its SIGTERM means, rather than a cancel (COMPLETING) or a requeue."""
+    state = re.search(r"\bJobState=(\S+)", text)
+    preempt = re.search(r"\bPreemptTime=(\S+)", text)
+    return bool(state and state.group(1) == "RUNNING" and preempt and preempt.group(1) not in ("None", "Unknown"))
+
+
 def parse_max_array_size(text: str) -> int:
     """MaxArraySize from `scontrol show config` (an array's task ids must stay below it); Slurm's
     default 1001 when the line is missing."""
@@ -232,6 +240,16 @@ def cancel(job_ids: list[str]) -> None:
     """Cancel jobs (e.g. ones blocked on a failed dependency, before they are replaced)."""
     if job_ids:
         run_command("scancel", *job_ids)
+
+
+def requeue_if_preempted(job_id: str) -> bool:
+    """Requeue a job of ours that is being preempted; whether it was. For clusters without
+    preempt_send_user_signal (Slurm's default): a preempted job then gets SIGTERM, not its
+    --signal, and a job that exits within GraceTime ends FAILED, not requeued."""
+    if not parse_being_preempted(run_command("scontrol", "show", "job", "-o", job_id)):
+        return False
+    run_command("scontrol", "requeue", job_id)
+    return True
 
 
 def submit_room(qos: str | None, account: str | None = None) -> tuple[int | None, str]:

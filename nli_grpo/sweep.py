@@ -442,10 +442,7 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
                       + ". Fix them (or leave those cells out with --ranks/--quantizations/--models) and run again.")
         return 2
     todo = [c for c in cells if c.action == "submit"]
-    if room is not None and len(todo) > room:  # sbatch would reject an array over the limit whole
-        console.print(f"[yellow]submit limit:[/] {room_limit}: {room} of the {len(todo)} cells to submit fit now; run the same "
-                      "command again when jobs have left the queue, to submit the rest.", soft_wrap=True)
-        todo = todo[:room]
+    pool_jobs = 0
     waiting = cells_waiting_for_pool(sweep, args, cells)
     if waiting and (problems := pool_input_problems(sweep_pool(sweep, args), args.online)):
         for problem in problems:
@@ -463,15 +460,19 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
             console.print(f"[red]error:[/] the pool could not be submitted: {err}. Nothing else was submitted.")
             return 1
         console.print(describe_plan(pool_plan), soft_wrap=True)
+        pool_jobs = len(pool_plan.to_submit)
         for c in waiting:
             c.dependency = f"afterok:{pool_plan.merge_job or '<the pool merge job>'}" if pool_plan.merge_job or args.dry_run else None
+    todo, cut = within_submit_limit(todo, room, room_limit, pool_jobs)
+    if cut:
+        console.print(f"[yellow]submit limit:[/] {cut}", soft_wrap=True)
     if args.dry_run:
         if args.cluster == "slurm":
             _print_sbatch(todo, options, sweep_dir, name, array_limit, console)
         console.print(f"dry run: {len(todo)} of {len(cells)} cells would be submitted; nothing was.")
         return 0
     if not todo:
-        everything = "" if room == 0 else f": every cell of {name} is complete or queued"
+        everything = "" if cut else f": every cell of {name} is complete or queued"
         console.print(f"nothing to submit{everything}. Status: python -m nli_grpo.status {sweep_dir}")
         return 0
     if args.force:
@@ -506,6 +507,18 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
     else:
         console.print(f"watch it: python -m nli_grpo.status {sweep_dir} --watch")
     return 1 if errors else 0
+
+
+def within_submit_limit(todo: list, room: int | None, limit: str, pool_jobs: int = 0) -> tuple[list, str | None]:
+    """The cells to submit that fit the room a submit limit leaves (slurm.submit_room: `room`
+    jobs, set by `limit`) after the `pool_jobs` the same run queues for their pool, and what to
+    tell the user when some do not: sbatch rejects an array over the limit whole."""
+    if room is None or len(todo) <= room - pool_jobs:
+        return todo, None
+    fit = max(0, room - pool_jobs)
+    pool = f", and the pool they train on takes {min(pool_jobs, room)} of the room" if pool_jobs else ""
+    return todo[:fit], (f"{limit}{pool}: {fit} of the {len(todo)} cells to submit fit now; run the same command again "
+                        "when jobs have left the queue, to submit the rest.")
 
 
 def _local_gpu_problems(cells: list[PlannedCell]) -> list[str]:

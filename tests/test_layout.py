@@ -58,3 +58,28 @@ def test_every_name_of_the_folder(tmp_path):
         folder.config_snapshot, folder.predictions("anli_r1"))] == [
         "result.json", "train_log.jsonl", "adapter", "checkpoints", "rollout_adapters", "config.yaml",
         "predictions/anli_r1.jsonl.gz"]
+
+
+def test_the_checkpoints_files_are_on_disk_before_its_marker(tmp_path, monkeypatch):
+    """A crash (a node losing power) must not leave a marker on a checkpoint whose data is still in
+    the page cache: every file, and the folders naming them, is fsynced before the marker is."""
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    folder = CellFolder(tmp_path / "cell")
+    path = checkpoint(folder, 3, complete=False)
+    (path / "global_step3").mkdir()  # e.g. a deepspeed/FSDP shard folder
+    (path / "global_step3" / "shard.pt").write_text("shard")
+    mark_checkpoint_complete(path, 3)
+    marker = str(path / COMPLETE_MARKER)
+    assert marker in synced
+    before = set(synced[:synced.index(marker)])
+    data = {str(p) for p in path.rglob("*") if p.name != COMPLETE_MARKER}
+    assert data | {str(path)} <= before, sorted(data | {str(path)} - before)
+    assert synced[-1] == str(path)  # the marker's own folder entry too

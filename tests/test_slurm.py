@@ -84,3 +84,11 @@ def test_sacct_lists_the_tasks_of_an_array_cancelled_before_they_started():
     assert states["37_0"] == "COMPLETED" and states["37_1"] == states["37_3"] == "CANCELLED by 0"
     assert states["5"] == "CANCELLED by 0"  # cancelled whole while pending: one line, its base id
     assert slurm.parse_sacct("9_[0-4:2,7]|CANCELLED by 0\n").keys() == {"9", "9_0", "9_2", "9_4", "9_7"}
+
+
+def test_a_job_being_preempted_is_told_from_one_being_cancelled():
+    # `scontrol show job -o` as a job's step read it on its SIGTERM: preempted by partition urgent
+    # (GraceTime 60), and cancelled with scancel
+    assert slurm.parse_being_preempted(recorded("scontrol_job_preempted.txt"))
+    assert not slurm.parse_being_preempted(recorded("scontrol_job_cancelled.txt"))
+    assert not slurm.parse_being_preempted("JobId=5 JobState=RUNNING PreemptTime=None")

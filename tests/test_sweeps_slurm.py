@@ -523,3 +523,59 @@ def test_a_qos_submit_limit_of_2_with_3_cells_completes_them_over_reruns(tmp_pat
         assert again.returncode == 0 and "submitted 1 of 1 cells" in again.stdout, again.stdout + again.stderr
         wait_for("the third cell", lambda: complete(3), 240, sweep_dir / "logs")
         assert [len(s["jobs"]) for s in manifest.read_manifest(sweep_dir)["submissions"]] == [2, 1]
+
+
+def test_the_pool_a_sweep_queues_first_counts_against_the_submit_limit(tmp_path, job_env, small_qos):
+    # the pool's two shards and its merge would fill the QOS's 2 jobs: no cell fits this time
+    plan = sweep_command(*POOL_CELLS, "--qos", small_qos, "--dry-run", "--results", str(tmp_path), env=job_env)
+    out = " ".join(plan.stdout.split())
+    assert plan.returncode == 0, out + plan.stderr
+    assert "would submit shard-00-of-02, shard-01-of-02, merge" in out
+    assert "the pool they train on takes 2 of the room: 0 of the 2 cells to submit fit now" in out
+    assert "dry run: 0 of 2 cells would be submitted" in out
+
+
+def test_preemption_without_a_user_signal_requeues_the_cell_which_resumes_to_completion(tmp_path, job_env):
+    """Slurm's defaults: no preempt_send_user_signal, so a preempted job gets no USR2, only SIGTERM
+    (then SIGKILL after GraceTime). This cluster sends a job's --signal at preemption; a job
+    submitted without one gets exactly what a default cluster sends. The cell must save, be
+    requeued by Slurm itself and finish, with nothing run again by hand."""
+    max_steps = 24
+    no_signal = with_path(job_env, fake_slurm_command(tmp_path / "bin", "sbatch",
+                                                      'for script; do :; done\nsed -i "/^#SBATCH --signal=/d" "$script"\n'
+                                                      'exec "$REAL" "$@"'))
+    # 4 (fake) GPUs: the node's every GPU, so that an urgent job asking for one must preempt this one
+    with cancelled_after(tmp_path):
+        done = sweep_command("--smoke", "--cluster", "slurm", "--partition", "gpu", "--gpus-per-node", "4", "--ranks", "8",
+                             "--results", str(tmp_path), f"grpo.max_steps={max_steps}", "grpo.save_steps=2", *RANDOM_MODEL,
+                             "grpo.max_completion_length=128", "eval.after_training=false", env=no_signal)
+        assert done.returncode == 0, done.stdout + done.stderr
+        sweep_dir = tmp_path / "lora_rank-smoke"
+        run_dir, logs = CellFolder(sweep_dir / "tiny__bf16__r8__s0"), sweep_dir / "logs"
+        [job_id] = recorded_jobs(sweep_dir)
+        [script] = logs.rglob("*_submission.sh") or [None]
+        assert script is None or "--signal" not in script.read_text()
+
+        def saved_step():
+            checkpoint = run_dir.last_checkpoint()
+            return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
+        wait_for("the job runs", lambda: queued({job_id}).get(job_id) == "RUNNING", 120, logs)
+        stopped_at = wait_for("a checkpoint of its own", saved_step, 120, logs)
+        assert stopped_at < max_steps, "the run finished before it could be preempted; make it longer"
+        subprocess.run(["sbatch", "-p", "urgent", "--gres=gpu:1", "-t", "1", "-J", "test-urgent",
+                        f"--output={tmp_path / 'urgent.out'}", "--wrap", "sleep 1"], check=True, capture_output=True, timeout=30)
+
+        def finished():
+            doc = results.load_existing(run_dir.result)
+            return doc and doc["status"] == "complete" and not queued({job_id}) and doc
+        doc = wait_for("the cell completes", finished, 240, logs)
+    assert doc["train"]["steps_done"] == max_steps and saved_step() == max_steps
+    assert doc["slurm"]["attempts"] >= 2 and doc["train"]["resumed_from_step"] >= stopped_at > 0
+    assert max(r["step"] for r in results.read_jsonl(run_dir.train_log)) <= max_steps
+    log_text = "".join(p.read_text() for p in sorted(logs.rglob("*_log.err")))
+    assert "Bypassing signal SIGTERM" in log_text and "forwarding SIGUSR2" not in log_text, log_text[-3000:]
+    assert f"job {job_id} is preempted (SIGTERM, no user signal): requeued it" in log_text
+    states = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True,
+                            timeout=30).stdout.split()
+    assert len(states) >= 2 and set(states[:-1]) <= {"REQUEUED", "PREEMPTED"} and states[-1] == "COMPLETED", states
+    assert recorded_jobs(sweep_dir) == [job_id]  # one submission: Slurm requeued it, no rerun
