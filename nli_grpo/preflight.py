@@ -61,16 +61,6 @@ def preflight_config(cfg: ExperimentConfig, work_dir: Path) -> ExperimentConfig:
     return short
 
 
-def refusal(cfg: ExperimentConfig) -> str | None:
-    """Why this config cannot be preflighted here (checked before anything is loaded)."""
-    if cfg.stage != "grpo":
-        return f"stage={cfg.stage}: a preflight measures training; zero-shot cells only evaluate"
-    if cfg.rollout.backend == "vllm_server":
-        return ("rollout.backend=vllm_server is not preflighted yet (the server is started by the cell's job); "
-                "preflight the same model with rollout.backend=vllm to check loading, agreement and memory")
-    return None
-
-
 def device_info() -> dict:
     """Where the preflight ran: the accelerator, its driver and CUDA, the host."""
     import torch
@@ -378,7 +368,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_REFUSED
-    if reason := refusal(cfg):
+    if reason := verdict.refusal(cfg):
         print(f"error: {reason}", file=sys.stderr)
         return EXIT_REFUSED
     out = Path(args.out) if args.out else preflight_file(Path("results") / cfg.output.sweep, verdict.combination(cfg))

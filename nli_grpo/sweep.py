@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import files, launch, manifest, slurm, status
+from . import files, launch, manifest, slurm, status, verdict
 from .catalog import model_key
 from .config import ConfigError, ExperimentConfig
 from .grid import (
@@ -43,9 +43,10 @@ from .grid import (
     server_weights_gb,
 )
 from .job import config_for_run, conflicting_inputs
-from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, REPLACED_DIRNAME, CellFolder
+from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, REPLACED_DIRNAME, CellFolder, preflight_file
 from .pool import Pool, describe_plan, ensure_pool
 from .pool import input_problems as pool_input_problems
+from .results import ResultError
 
 SMOKE_RECIPE = "smoke"
 #: Keys a smoke run takes from the smoke recipe, whatever the sweep's axes say: the tiny model in
@@ -143,6 +144,12 @@ def parse_args(sweep: Sweep, argv=None) -> argparse.Namespace:
     grid.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every cell")
     run_ = _run_arguments(parser, "the sweep writes to <results>/<sweep>/")
     run_.add_argument("--force", action="store_true", help="also resubmit complete cells (their folders move to <sweep>/.replaced/); queued ones never")
+    checks = run_.add_mutually_exclusive_group()
+    checks.add_argument("--preflight", action="store_true",
+                        help="submit one short preflight job per combination (model x quantization x rollout x GPUs) of the cells "
+                             "to submit, instead of the cells; submit the cells with the same command without it once the verdicts are in")
+    checks.add_argument("--no-preflight", action="store_true",
+                        help="submit the cells of combinations whose preflight failed too (recorded in the manifest)")
     return _parse(parser, argv)
 
 
@@ -412,6 +419,7 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
                                    constraint=args.constraint, array_parallelism=args.array_parallelism,
                                    retries=args.retries, online=args.online)
     array_limit, room, room_limit = 1001, None, ""
+    verdicts: dict = {}
     try:
         if args.cluster == "slurm":
             facts = slurm.partition_facts(args.partition)
@@ -428,6 +436,9 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
             book = None if args.dry_run else held.enter_context(manifest.held(sweep_dir))
             decide(cells, sweep_dir, args.force, queue=slurm.queued_jobs if args.cluster == "slurm" else None,
                    force_command=shlex.join(["python", f"sweeps/{sweep.name}.py", *args.argv, "--force"]))
+            verdicts = read_verdicts(sweep_dir, [c for c in cells if c.action == "submit"])
+            if not (args.preflight or args.no_preflight):
+                refuse_failed_combinations(cells, verdicts)
     except slurm.SlurmError as err:
         refusals.append(str(err))
     print_plan(name, cells, console)
@@ -442,7 +453,7 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
                       + ". Fix them (or leave those cells out with --ranks/--quantizations/--models) and run again.")
         return 2
     todo = [c for c in cells if c.action == "submit"]
-    pool_jobs = 0
+    pool_jobs, pool_plan = 0, None
     waiting = cells_waiting_for_pool(sweep, args, cells)
     if waiting and (problems := pool_input_problems(sweep_pool(sweep, args), args.online)):
         for problem in problems:
@@ -463,9 +474,12 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
         pool_jobs = len(pool_plan.to_submit)
         for c in waiting:
             c.dependency = f"afterok:{pool_plan.merge_job or '<the pool merge job>'}" if pool_plan.merge_job or args.dry_run else None
+    if args.preflight:
+        return submit_preflights(sweep, args, todo, pool_plan, options, book, console)
     todo, cut = within_submit_limit(todo, room, room_limit, pool_jobs)
     if cut:
         console.print(f"[yellow]submit limit:[/] {cut}", soft_wrap=True)
+    console.print(describe_graph(pool_plan, todo, verdicts, sweep, args), soft_wrap=True, markup=False)
     if args.dry_run:
         if args.cluster == "slurm":
             _print_sbatch(todo, options, sweep_dir, name, array_limit, console)
@@ -485,6 +499,9 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
     described = {c.cell_id: {"cell": cell_from_config(c.cfg), "run_dir": str(c.run_dir), "command": launch.train_command(c.run_dir)}
                  for c in cells if c.cfg is not None}
     record = manifest.submission_record(args.cluster, folder, {}, args.retries)
+    record["preflight"] = "skipped (--no-preflight)" if args.no_preflight else {
+        combo: (doc or {}).get("verdict") if isinstance(doc, dict) or doc is None else "unreadable"
+        for combo, doc in verdicts.items()}
 
     def keep(queued: dict) -> None:  # each array, as soon as its sbatch returned
         record["jobs"].update(manifest.job_ids(queued))
@@ -499,6 +516,10 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
     arrays = sorted({str(j.job_id).split("_")[0] for j in jobs.values()})
     console.print(f"submitted {len(jobs)} of {len(todo)} cells ({args.cluster}: {', '.join(arrays)}); "
                   f"manifest {sweep_dir / MANIFEST_FILENAME}; logs {folder}")
+    unchecked = sorted({verdict.combination(c.cfg) for c in todo} & {combo for combo, doc in verdicts.items() if doc is None})
+    if unchecked and not args.no_preflight:
+        console.print(f"[yellow]no preflight ran[/] for {', '.join(unchecked)}: those cells were submitted unchecked "
+                      "(`--preflight` checks a combination first, in minutes)", soft_wrap=True)
     for error in errors:
         console.print(f"[red]error:[/] {error}. Run the same command again to submit the rest.")
     if args.cluster != "slurm":

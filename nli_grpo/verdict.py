@@ -36,6 +36,16 @@ def combination(cfg: ExperimentConfig) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", "__".join(parts))
 
 
+def refusal(cfg: ExperimentConfig) -> str | None:
+    """Why this config cannot be preflighted here (checked before anything is loaded)."""
+    if cfg.stage != "grpo":
+        return f"stage={cfg.stage}: a preflight measures training; zero-shot cells only evaluate"
+    if cfg.rollout.backend == "vllm_server":
+        return ("rollout.backend=vllm_server is not preflighted yet (the server is started by the cell's job); "
+                "preflight the same model with rollout.backend=vllm to check loading, agreement and memory")
+    return None
+
+
 def finding(level: str, check: str, reason: str) -> dict:
     """One finding of a preflight: `level` warn or fail, the `check` it comes from, the `reason`."""
     return {"level": level, "check": check, "reason": reason}
