@@ -6,7 +6,9 @@ the child resumes from its last complete checkpoint on every start. On USR2 (tim
 preemption) submitit calls `CellJob.checkpoint()`, which forwards the signal to the training
 processes, waits for them to save and exit, and hands submitit a resubmission of the same job:
 submitit requeues it. An external `scontrol requeue` calls no hook: the job simply starts again
-and the child resumes.
+and the child resumes. Preemption on a cluster without preempt_send_user_signal (Slurm's
+default) sends SIGTERM instead: the child saves and exits, and the job requeues itself
+(`slurm.requeue_if_preempted`), for Slurm would record a job that ended within GraceTime as FAILED.
 
 Two submitit settings matter (see slurm/README.md):
 - `slurm_max_num_timeout` is set to MAX_REQUEUES: submitit counts every USR2 of a job with
@@ -364,12 +366,15 @@ def _send(processes: list, sig: int) -> None:
             pass
 
 
-def write_config_snapshot(cfg, run_dir: Path) -> None:
+def write_config_snapshot(cfg, run_dir: Path, path: Path | None = None) -> None:
     """The resolved config the job will run (written at submission, so that a requeue days later
-    runs what was validated, whatever happened to the recipes meanwhile)."""
+    runs what was validated, whatever happened to the recipes meanwhile), to the cell folder's
+    snapshot or to `path`."""
     from omegaconf import OmegaConf
 
-    with results.atomic_open(CellFolder(run_dir).config_snapshot) as f:
+    path = path or CellFolder(run_dir).config_snapshot
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with results.atomic_open(path) as f:
         f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 

@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import manifest as manifests
-from . import results, slurm
-from .layout import POOL_SPEC_FILENAME, RESULT_FILENAME, CellFolder, PoolFolder
+from . import results, slurm, verdict
+from .layout import POOL_SPEC_FILENAME, PREFLIGHT_DIRNAME, RESULT_FILENAME, CellFolder, PoolFolder
 from .trackers import wandb_sync_command
 
 STATES = ("pending", "held", "running", "preempted", "blocked", "complete", "failed", "unknown", "missing")
@@ -292,6 +292,39 @@ def print_pools(folders: list[PoolFolder], as_json: bool = False, console=None) 
     return 0
 
 
+def print_verdicts(sweep_dir: Path, console=None) -> None:
+    """The sweep's preflights (nli_grpo.preflight): each combination's verdict with its reasons and
+    figures, or its job while the verdict is not in. Nothing when the sweep ran none."""
+    from rich.table import Table
+
+    console = console or make_console()
+    jobs = {part.split("/", 1)[1]: job for part, (job, _) in manifests.latest_jobs(manifests.read_manifest(sweep_dir)).items()
+            if part.startswith("preflight/")}
+    combos = sorted({*jobs, *(p.stem for p in (sweep_dir / PREFLIGHT_DIRNAME).glob("*.json"))})
+    if not combos:
+        return
+    colours = {"pass": "green", "warn": "yellow", "fail": "red"}
+    table = Table(title=f"preflight of {sweep_dir.name}")
+    for column in ("combination", "verdict", "job", "s/step", "peak mem", "projected", "reasons"):
+        table.add_column(column, overflow="fold")
+    for combo in combos:
+        path = sweep_dir / PREFLIGHT_DIRNAME / f"{combo}.json"
+        if not path.exists():
+            table.add_row(combo, "none yet", jobs.get(combo, "—"), "—", "—", "—", f"its log: {sweep_dir / 'logs'}")
+            continue
+        try:
+            doc = verdict.read_verdict(path)
+        except results.ResultError as err:
+            table.add_row(combo, "[red]unreadable[/]", jobs.get(combo, "—"), "—", "—", "—", str(err))
+            continue
+        memory, fit = doc.get("memory", {}), doc.get("fit", {})
+        table.add_row(combo, f"[{colours[doc['verdict']]}]{doc['verdict']}[/]", jobs.get(combo, "—"),
+                      _number(doc.get("steps", {}).get("seconds_per_step")),
+                      f"{memory['peak_gb']:.2f}/{memory['limit_gb']} GB" if "peak_gb" in memory else "—",
+                      duration(fit.get("projected_s")), "; ".join(f"{r['level']}: {r['reason']}" for r in doc["reasons"]) or "—")
+    console.print(table)
+
+
 def show(sweep_dir: Path, as_json: bool = False, console=None) -> int:
     """One frame: the pools' shards and merges, or the sweep's cells (table or JSON lines)."""
     pools = [sweep_dir] if (sweep_dir / POOL_SPEC_FILENAME).is_file() else sorted(
@@ -304,6 +337,7 @@ def show(sweep_dir: Path, as_json: bool = False, console=None) -> int:
             print(json.dumps(asdict(line)), flush=True)
     else:
         print_status(sweep_dir.name, lines, console)
+        print_verdicts(sweep_dir, console)
     return 0
 
 

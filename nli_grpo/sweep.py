@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import shlex
 import sys
 import tempfile
@@ -43,7 +44,7 @@ from .grid import (
     server_weights_gb,
 )
 from .job import config_for_run, conflicting_inputs
-from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, REPLACED_DIRNAME, CellFolder, preflight_file
+from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, PREFLIGHT_DIRNAME, REPLACED_DIRNAME, CellFolder, preflight_file
 from .pool import Pool, describe_plan, ensure_pool
 from .pool import input_problems as pool_input_problems
 from .results import ResultError
@@ -363,8 +364,161 @@ def changed_settings(cell: PlannedCell) -> list[str]:
     return conflicting_inputs(cell.run_dir, cell.cfg.to_dict())
 
 
+# --------------------------------------------------------------------------- preflight
+#: A preflight job's time limit (minutes) when its cells ask for more: it trains a few steps, not a cell.
+PREFLIGHT_TIME_MIN = 30
+
+
+def by_combination(cells: list[PlannedCell]) -> dict[str, list[PlannedCell]]:
+    """Valid cells by the preflight they need (verdict.combination), in plan order."""
+    groups: dict[str, list[PlannedCell]] = {}
+    for c in cells:
+        if c.cfg is not None:
+            groups.setdefault(verdict.combination(c.cfg), []).append(c)
+    return groups
+
+
+def read_verdicts(sweep_dir: Path, cells: list[PlannedCell]) -> dict[str, dict | str | None]:
+    """The preflight verdict of each combination of the cells: its document, None when none ran,
+    or why the file cannot be read."""
+    found: dict[str, dict | str | None] = {}
+    for combo in by_combination(cells):
+        path = preflight_file(sweep_dir, combo)
+        try:
+            found[combo] = verdict.read_verdict(path) if path.exists() else None
+        except ResultError as err:
+            found[combo] = str(err)
+    return found
+
+
+def refuse_failed_combinations(cells: list[PlannedCell], verdicts: dict) -> None:
+    """Refuse the cells to submit of a combination whose preflight failed (or whose verdict file is broken)."""
+    for combo, group in by_combination([c for c in cells if c.action == "submit"]).items():
+        doc = verdicts.get(combo)
+        if isinstance(doc, str):
+            problem = doc
+        elif doc and doc["verdict"] == "fail":
+            reasons = "; ".join(r["reason"] for r in doc["reasons"] if r["level"] == "fail")
+            problem = f"its combination {combo} failed preflight: {reasons}"
+        else:
+            continue
+        for c in group:
+            c.problems.append(f"{problem}. Fix that and run --preflight again, leave these cells out (--models, "
+                              "--quantizations), or submit them all the same with --no-preflight")
+
+
+def preflight_nodes(todo: list[PlannedCell], sweep_dir: Path, options: launch.LaunchOptions, name: str,
+                    record) -> tuple[list[launch.ArrayNode], dict, dict[str, str]]:
+    """The preflight jobs of the cells to submit: one per combination, running `python -m
+    nli_grpo.preflight` on its first cell's config with that cell's resources (at most
+    PREFLIGHT_TIME_MIN), after the pool's merge when its cells wait on it; one array per distinct
+    Slurm parameters. Returns the nodes, the config of each job (combination -> config) and the
+    combinations left out, with why."""
+    from dataclasses import replace
+
+    groups: dict[str, tuple[dict, dict]] = {}
+    configs, left_out = {}, {}
+    for combo, cells in by_combination(todo).items():
+        cfg = cells[0].cfg
+        if reason := verdict.refusal(cfg):
+            left_out[combo] = reason
+            continue
+        out = preflight_file(sweep_dir, combo)
+        resources = replace(cfg.resources, timeout_min=min(cfg.resources.timeout_min, PREFLIGHT_TIME_MIN))
+        dependency = next((c.dependency for c in cells if c.dependency), None)
+        params = launch.executor_parameters(resources, options, f"nli_grpo_preflight_{name}", dependency)
+        command = [sys.executable, "-u", "-m", "nli_grpo.preflight", "--config", str(out.with_suffix(".yaml")),
+                   "--out", str(out), "--signal-delay-s", str(options.signal_delay_s)]
+        # gpus=1: one process (no torchrun), which sees all of the job's GPUs
+        job = launch.CellJob(command, str(out.parent), options.stop_timeout_s, resources.cpus_per_task, 1, options.retries,
+                             options.online, exclusive=False)
+        configs[combo] = cfg
+        groups.setdefault(json.dumps(params, sort_keys=True), (params, {}))[1][combo] = job
+    nodes = [launch.ArrayNode(f"preflight {i}", params, jobs, sweep_dir / LOGS_DIRNAME, record)
+             for i, (params, jobs) in enumerate(groups.values(), 1)]
+    return nodes, configs, left_out
+
+
+def submit_preflights(sweep: Sweep, args: argparse.Namespace, todo: list[PlannedCell], pool_plan, options: launch.LaunchOptions,
+                      book: manifest.Book | None, console) -> int:
+    """--preflight: show the graph, then submit the preflight jobs of the cells to submit (not the
+    cells: they go in a later run without --preflight, which reads the verdicts), recorded in the
+    manifest as `preflight/<combination>`."""
+    name = sweep.name + ("-smoke" if args.smoke else "")
+    sweep_dir = Path(args.results).absolute() / name
+    record = manifest.submission_record(args.cluster, sweep_dir / LOGS_DIRNAME, {}, args.retries)
+    record["kind"] = "preflight"
+
+    def keep(queued: dict) -> None:  # each array, as soon as its sbatch returned
+        record["jobs"].update({f"preflight/{combo}": str(job.job_id) for combo, job in queued.items()})
+        book.record({}, record)
+
+    nodes, configs, left_out = preflight_nodes(todo, sweep_dir, options, name, keep)
+    console.print(describe_graph(pool_plan, todo, {}, sweep, args, nodes), soft_wrap=True, markup=False)
+    for combo, reason in left_out.items():
+        console.print(f"[yellow]not preflighted[/] {combo}: {reason}", soft_wrap=True)
+    if args.dry_run:
+        if args.cluster == "slurm":
+            for node in nodes:
+                console.rule(f"{node.name}: {', '.join(node.jobs)}")
+                console.print(launch.sbatch_script(node.log_folder, node.parameters, len(node.jobs)), markup=False,
+                              highlight=False, soft_wrap=True)
+        console.print(f"dry run: {sum(len(n.jobs) for n in nodes)} preflight job(s) would be submitted; nothing was.")
+        return 0
+    if not nodes:
+        console.print("nothing to preflight: no cell to submit has a combination to check.")
+        return 0
+    for combo, cfg in configs.items():
+        launch.write_config_snapshot(cfg, sweep_dir, preflight_file(sweep_dir, combo).with_suffix(".yaml"))
+    try:
+        queued = launch.submit_graph(nodes, args.cluster)
+    except launch.SubmissionError as err:
+        console.print(f"[red]error:[/] {err}. Run the same command again to submit the rest.", soft_wrap=True)
+        return 1
+    jobs = {combo: job for by_part in queued.values() for combo, job in by_part.items()}
+    console.print(f"submitted {len(jobs)} preflight job(s) ({args.cluster}: {', '.join(str(j.job_id) for j in jobs.values())}); "
+                  f"verdicts go to {sweep_dir / PREFLIGHT_DIRNAME}/. When they are in (python -m nli_grpo.status {sweep_dir}), "
+                  "submit the cells with the same command without --preflight: it refuses those of a failed combination.",
+                  soft_wrap=True)
+    if args.cluster != "slurm":
+        _wait_here(jobs, console)
+        status.print_verdicts(sweep_dir, console)
+    return 0
+
+
+def describe_graph(pool_plan, todo: list[PlannedCell], verdicts: dict, sweep: Sweep, args: argparse.Namespace,
+                   preflights: list[launch.ArrayNode] | None = None) -> str:
+    """The sweep's jobs as a graph, in submission order: the pool's shards and merge (when missing),
+    the preflight jobs (--preflight) or the verdicts the cells are checked against, the cells."""
+    lines, merge = ["job graph:"], None
+    if pool_plan is not None and not pool_plan.complete:
+        shards = [p for p in pool_plan.to_submit if p != "merge"]
+        if shards:
+            lines.append(f"  pool shards: {len(shards)} job(s) ({', '.join(shards)})")
+        merge = f"pool merge (job {pool_plan.merge_job})" if pool_plan.merge_job else "pool merge"
+        lines.append(f"  {merge}: 1 job" + (", after the pool shards" if shards else "")
+                     + ("" if "merge" in pool_plan.to_submit or pool_plan.submitted else ", queued already"))
+    waits = {c.cell_id for c in todo if c.dependency}
+    if preflights is not None:
+        combos = [combo for node in preflights for combo in node.jobs]
+        after = f", after the {merge}" if merge and any(n.parameters["slurm_additional_parameters"].get("dependency") for n in preflights) else ""
+        lines.append(f"  preflight: {len(combos)} job(s) ({', '.join(combos) or 'none'}){after}")
+        command = shlex.join(["python", f"sweeps/{sweep.name}.py", *[a for a in args.argv if a not in ("--preflight", "--dry-run")]])
+        lines.append(f"  cells: {len(todo)} job(s), in a later run once the verdicts are in: {command}")
+        return "\n".join(lines)
+    for combo, doc in verdicts.items():
+        shown = ("none ran (--preflight runs it)" if doc is None else "unreadable" if isinstance(doc, str)
+                 else doc["verdict"] + (" (its cells are refused)" if doc["verdict"] == "fail" and not args.no_preflight else ""))
+        lines.append(f"  preflight {combo}: {shown}")
+    after = f", {len(waits)} of them after the {merge}" if merge and waits else ""
+    lines.append(f"  cells: {len(todo)} job(s){after}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- output
-def print_plan(name: str, cells: list[PlannedCell], console) -> None:
+def print_plan(name: str, cells: list[PlannedCell], console, verdicts: dict | None = None) -> None:
+    """The plan as a table; a cell's GPU memory is its preflight's measured peak where one ran on a
+    GPU (`verdicts`: read_verdicts'), else the validator's estimate."""
     from rich.table import Table
 
     table = Table(title=f"sweep {name}: {len(cells)} cells")
@@ -379,6 +533,9 @@ def print_plan(name: str, cells: list[PlannedCell], console) -> None:
         fit = f"{estimate['total']}/{r.gpu_memory_gb} GB" if estimate else "— (CPU)"
         if estimate and "vllm_kv_cache" in estimate:  # of the colocated engine's share
             fit += f" (vLLM KV cache {estimate['vllm_kv_cache']} GB)"
+        measured = (verdicts or {}).get(verdict.combination(c.cfg))
+        if isinstance(measured, dict) and measured.get("memory", {}).get("limit_field") == "resources.gpu_memory_gb":
+            fit = f"{measured['memory']['peak_gb']:.1f} measured/{r.gpu_memory_gb} GB (preflight)"
         gpus = str(r.gpus_per_node)
         if served := server_gpus(c.cfg):  # the split of the job's GPUs, and the server's own fit
             gpus += f" ({served} vLLM server + {r.gpus_per_node - served} training)"
@@ -441,7 +598,7 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
                 refuse_failed_combinations(cells, verdicts)
     except slurm.SlurmError as err:
         refusals.append(str(err))
-    print_plan(name, cells, console)
+    print_plan(name, cells, console, verdicts)
     invalid = [c for c in cells if c.problems]
     if refusals or invalid:
         for c in invalid:

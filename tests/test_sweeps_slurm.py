@@ -553,8 +553,8 @@ def test_preemption_without_a_user_signal_requeues_the_cell_which_resumes_to_com
         sweep_dir = tmp_path / "lora_rank-smoke"
         run_dir, logs = CellFolder(sweep_dir / "tiny__bf16__r8__s0"), sweep_dir / "logs"
         [job_id] = recorded_jobs(sweep_dir)
-        [script] = logs.rglob("*_submission.sh") or [None]
-        assert script is None or "--signal" not in script.read_text()
+        [script] = logs.rglob("*_submission.sh")
+        assert "#SBATCH --signal" not in script.read_text()
 
         def saved_step():
             checkpoint = run_dir.last_checkpoint()
@@ -579,3 +579,72 @@ def test_preemption_without_a_user_signal_requeues_the_cell_which_resumes_to_com
                             timeout=30).stdout.split()
     assert len(states) >= 2 and set(states[:-1]) <= {"REQUEUED", "PREEMPTED"} and states[-1] == "COMPLETED", states
     assert recorded_jobs(sweep_dir) == [job_id]  # one submission: Slurm requeued it, no rerun
+
+
+# --------------------------------------------------------------------------- preflight through the sweep
+#: The smoke recipe shrunk to what the preflight's checks need (as tests/test_preflight.py's SMALL).
+PREFLIGHT_SMALL = ["grpo.completions_per_step=8", "grpo.max_completion_length=8", "grpo.num_iterations=1", "eval.limit=2",
+                   "preflight.prompts=2", "preflight.greedy_tokens=8"]
+SMOKE_SLURM = ["--smoke", "--cluster", "slurm", "--partition", "gpu"]
+SMOKE_COMBINATION = "tiny-sft__bf16__hf__g0"
+
+
+def test_the_sweep_preflights_its_combination_and_refuses_the_cells_of_a_failed_one(tmp_path, job_env):
+    from nli_grpo.layout import preflight_file
+    from nli_grpo.verdict import read_verdict
+
+    sweep_dir = tmp_path / "lora_rank-smoke"
+    verdict_file = preflight_file(sweep_dir, SMOKE_COMBINATION)
+
+    def preflight(*argv) -> dict:
+        before = verdict_file.stat().st_mtime_ns if verdict_file.exists() else None
+        done = sweep_command(*SMOKE_SLURM, "--results", str(tmp_path), "--preflight", *PREFLIGHT_SMALL, *argv, env=job_env)
+        assert done.returncode == 0 and "submitted 1 preflight job(s)" in done.stdout, done.stdout + done.stderr
+        wait_for("the verdict", lambda: verdict_file.exists() and verdict_file.stat().st_mtime_ns != before, 180,
+                 logs=sweep_dir / "logs")
+        return read_verdict(verdict_file)
+
+    def shown() -> str:
+        return subprocess.run([sys.executable, "-m", "nli_grpo.status", str(sweep_dir)], capture_output=True, text=True,
+                              env=job_env).stdout
+
+    doc = preflight()
+    assert (doc["verdict"], doc["combination"]) == ("pass", SMOKE_COMBINATION), doc["reasons"]
+    [submission] = manifest.read_manifest(sweep_dir)["submissions"]
+    assert submission["kind"] == "preflight" and list(submission["jobs"]) == [f"preflight/{SMOKE_COMBINATION}"]
+    assert not manifest.read_manifest(sweep_dir)["cells"]  # the cells wait for a run without --preflight
+    assert re.search(rf"{SMOKE_COMBINATION}\s*│\s*pass", shown())
+
+    # 100000 steps cannot fit in --time 10: the measured rate fails the combination, and its cells are refused
+    too_long = ["grpo.max_steps=100000", "--time", "10"]
+    doc = preflight(*too_long)
+    assert doc["verdict"] == "fail" and "ask for --time" in " ".join(r["reason"] for r in doc["reasons"]), doc["reasons"]
+    assert re.search(rf"{SMOKE_COMBINATION}\s*│\s*fail", shown())
+    refused = sweep_command(*SMOKE_SLURM, "--results", str(tmp_path), *PREFLIGHT_SMALL, *too_long, env=job_env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stdout.count(f"its combination {SMOKE_COMBINATION} failed preflight") == 2 and "Nothing submitted" in refused.stdout
+    assert not manifest.read_manifest(sweep_dir)["cells"]
+
+    forced = sweep_command(*SMOKE_SLURM, "--results", str(tmp_path), *PREFLIGHT_SMALL, *too_long, "--no-preflight", env=job_env)
+    cells = manifest.read_manifest(sweep_dir)["submissions"][-1]
+    subprocess.run(["scancel", *cells["jobs"].values()], check=True)  # 100000 steps: not to be run
+    assert forced.returncode == 0 and "submitted 2 of 2 cells" in forced.stdout, forced.stdout + forced.stderr
+    assert cells["preflight"] == "skipped (--no-preflight)" and len(cells["jobs"]) == 2
+
+
+def test_the_dry_run_shows_the_job_graph_pool_then_preflight_then_cells(tmp_path, job_env):
+    results_dir = tmp_path / "results"
+    done = sweep_command(*POOL_CELLS, "--preflight", "--dry-run", "--results", str(results_dir), env=job_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    graph = done.stdout[done.stdout.index("job graph:"):]
+    assert re.search(r"pool shards: 2 job\(s\).*\n\s*pool merge: 1 job, after the pool shards\n"
+                     rf"\s*preflight: 1 job\(s\) \({SMOKE_COMBINATION}\), after the pool merge\n"
+                     r"\s*cells: 2 job\(s\), in a later run once the verdicts are in: python sweeps/lora_rank.py", graph), graph
+    assert "#SBATCH --dependency='afterok:<the pool merge job>'" in graph and "--job-name=nli_grpo_preflight_" in graph
+    assert "dry run: 1 preflight job(s) would be submitted; nothing was." in done.stdout
+
+    cells = sweep_command(*POOL_CELLS, "--dry-run", "--results", str(results_dir), env=job_env)
+    assert cells.returncode == 0, cells.stdout + cells.stderr
+    assert f"preflight {SMOKE_COMBINATION}: none ran (--preflight runs it)" in cells.stdout
+    assert "cells: 2 job(s), 2 of them after the pool merge" in cells.stdout
+    assert not results_dir.exists()  # a dry run writes nothing
