@@ -13,6 +13,10 @@ again submits only the cells that are not complete and not in the queue (`--forc
 complete ones, whose old folder is moved to `<sweep>/.replaced/`). Nothing is submitted when any
 cell is invalid, or changed: its earlier run, complete or not, used other settings (`--force`
 reruns it afresh). `--smoke` runs the sweep's shape on the tiny model on this machine in minutes.
+`--preflight` submits one preflight job per combination of the cells instead of the cells
+(nli_grpo.preflight); a later run without it refuses the cells of a combination whose verdict is
+`fail` (`--no-preflight` submits them all the same). Every run prints its job graph (pool shards,
+merge, preflight, cells) before submitting it.
 Exit codes: 0 submitted / nothing to do / dry run, 1 a submission failed, 2 refused.
 """
 
