@@ -202,6 +202,12 @@ def write_gguf_model(gguf_file: Path, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
+    # The special tokens are the file's (tokenizer.ggml.{bos,eos,padding}_token_id, which the
+    # config carries): transformers 5.17's GGUF tokenizer conversion names <|im_start|> as EOS for
+    # SmolLM2 (5.19's names <|im_end|>), and generation would then not stop where vLLM stops.
+    for role in ("bos", "eos", "pad"):
+        if (token_id := getattr(config, f"{role}_token_id", None)) is not None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     with _atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -97,8 +97,14 @@ def test_prepare_stages_the_gguf_file_as_a_dequantised_hf_folder(smollm2, smollm
     expected = torch.from_numpy(dequantize(stored.data, stored.tensor_type).copy())
     with safe_open(folder / "model.safetensors", framework="pt") as weights:
         assert torch.equal(weights.get_tensor("model.layers.0.mlp.down_proj.weight"), expected)
-    # The chat template is SmolLM2's own, from the file's metadata.
-    check_template(AutoTokenizer.from_pretrained(folder), reader.fields["tokenizer.chat_template"].contents())
+    # The chat template is SmolLM2's own, from the file's metadata, and so are the special tokens
+    # (generation stops at the file's EOS, <|im_end|>, in HF as in vLLM).
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    check_template(tokenizer, reader.fields["tokenizer.chat_template"].contents())
+    for role in ("bos", "eos"):
+        token_id = int(reader.fields[f"tokenizer.ggml.{role}_token_id"].contents())
+        assert getattr(tokenizer, f"{role}_token_id") == config[f"{role}_token_id"] == token_id, role
+    assert tokenizer.eos_token == "<|im_end|>"
 
 
 def check_template(tokenizer, gguf_template: str) -> None:

@@ -406,8 +406,11 @@ def test_two_sweeps_started_at_once_queue_each_cell_once(tmp_path, job_env):
         submissions = manifest.read_manifest(sweep_dir)["submissions"]
         assert [sorted(s["jobs"]) for s in submissions] == [["tiny-sft__bf16__r16__s0", "tiny-sft__bf16__r8__s0"]], outputs
         assert sum("nothing to submit" in out for out in outputs) == 1, outputs
-        names = subprocess.run(["squeue", "-h", "--array", "-o", "%j"], capture_output=True, text=True, check=True).stdout.split()
-        assert names.count("nli_grpo_lora_rank-smoke") == 2
+        # this test's jobs only (an earlier test's cancelled ones may still be leaving the queue):
+        # their batch script (%o) lies in this sweep's log folder
+        queue = subprocess.run(["squeue", "-h", "--array", "-o", "%j %o"], capture_output=True, text=True, check=True).stdout
+        names = [line.split()[0] for line in queue.splitlines() if str(tmp_path) in line]
+        assert names.count("nli_grpo_lora_rank-smoke") == 2, queue
 
 
 @pytest.fixture(scope="module")
