@@ -193,6 +193,13 @@ class VLLMServer:
                 self.process.wait()
         with contextlib.suppress(ProcessLookupError):  # engine processes left in its group
             os.killpg(self.process.pid, signal.SIGKILL)
+            # ... and gone before stop returns (the engine core exits a moment after the server:
+            # the next start, or evaluation's engine, must not find it holding memory). Bounded:
+            # an orphaned zombie stays in the group until init reaps it.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                os.killpg(self.process.pid, 0)  # ProcessLookupError once the group is empty
+                time.sleep(0.1)
         if self._output not in (None, subprocess.DEVNULL):
             self._output.close()
         log.info("stopped the vLLM server (%s)", self.url)
