@@ -6,7 +6,7 @@ node; the sweep checks it before submitting; jobs read it offline.
       data/<stem>.jsonl         every evaluation set and ANLI training round, in its hub schema
       hub/                      Hugging Face hub cache of the models ($HF_HUB_CACHE when set)
       models/                   stand-in models built locally (tiny, tiny-sft, random:<shape>), and
-                                models staged from GGUF files (models/gguf/<name>-<sha256 prefix>)
+                                models staged from GGUF files (models/gguf/<name>-<sha256 prefix>-c<conversion>)
       prepared.lock.json        per set: source, revision or file, rows, rows without gold, sha256;
                                 per model: requested and resolved revision, snapshot folder; per
                                 staged GGUF model: source, sha256, quantisation, folder

@@ -183,6 +183,11 @@ def _write_warm_started_model(target: Path, seed: int = 0) -> None:
         (tmp / STAND_IN_FILENAME).write_text(json.dumps(record))
 
 
+#: Version of write_gguf_model's output: a model staged by an older conversion is staged again
+#: (2: the tokenizer's special tokens are the file's).
+GGUF_CONVERSION = 2
+
+
 def write_gguf_model(gguf_file: Path, target: Path) -> None:
     """Write the model in a GGUF file as an HF model folder (float32 safetensors, its config,
     generation config and tokenizer, the chat template from the file's metadata), atomically.

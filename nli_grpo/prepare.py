@@ -234,27 +234,28 @@ def stage_gguf(source: str, name: str | None = None) -> dict:
     """Stage the model of a GGUF file (see find_gguf for `source`) as an HF model folder in the
     cache, dequantised to float32 safetensors, under `name` (default: the catalogue name, else the
     file's stem in lower case), and record it in the lock: source, sha256 and quantisation of the
-    GGUF file, folder. A name already staged from a file with the same sha256 is kept as is."""
+    GGUF file, folder. A name already staged from a file with the same sha256 by the same
+    conversion (models.GGUF_CONVERSION) is kept as is."""
     import tempfile
 
     from .catalog import GGUF_MODELS
-    from .models import write_gguf_model
+    from .models import GGUF_CONVERSION, write_gguf_model
 
     with tempfile.TemporaryDirectory(prefix="nli_grpo_gguf.") as scratch:
         gguf_file, where = find_gguf(source, Path(scratch))
         name = name or (source if source in GGUF_MODELS else gguf_file.stem.lower())
         digest = _sha256(gguf_file)
         staged = cache.staged_gguf(name)
-        if staged is not None and staged["gguf_sha256"] == digest:
+        if staged is not None and staged["gguf_sha256"] == digest and staged.get("conversion") == GGUF_CONVERSION:
             return staged
         file_type, tensor_types = gguf_quantization(gguf_file)
-        target = cache.cache_dir() / "models" / "gguf" / f"{name}-{digest[:12]}"
+        target = cache.cache_dir() / "models" / "gguf" / f"{name}-{digest[:12]}-c{GGUF_CONVERSION}"
         if not (target / "config.json").is_file():
             with cache.building(target):
                 if not (target / "config.json").is_file():
                     write_gguf_model(gguf_file, target)
     entry = {"source": where, "gguf_file": gguf_file.name, "gguf_sha256": digest, "gguf_quantization": file_type,
-             "gguf_tensor_types": tensor_types, "revision": f"gguf-sha256:{digest}", "path": str(target),
+             "gguf_tensor_types": tensor_types, "conversion": GGUF_CONVERSION, "revision": f"gguf-sha256:{digest}", "path": str(target),
              "prepared_at": now_iso()}
     _record_in_lock("models", name, entry)
     return entry

@@ -148,6 +148,15 @@ def test_a_wheel_file_stages_the_same_model_and_a_rerun_keeps_it(smollm2, smollm
     gguf_file, source = find_gguf(str(smollm2_wheel), tmp_path)
     assert gguf_file.name == Path(MEMBER).name and MEMBER in source
     assert stage_gguf(MODEL) == smollm2  # same sha256: nothing redone, the lock entry kept
+    # A model staged by an older conversion (its folder without the conversion's suffix) is not
+    # kept: the lock points at the current conversion's folder again.
+    from nli_grpo.prepare import _record_in_lock
+
+    older = Path(smollm2["path"]).with_name(Path(smollm2["path"]).name.rsplit("-c", 1)[0])
+    older.mkdir(exist_ok=True)
+    _record_in_lock("models", MODEL, {**{k: v for k, v in smollm2.items() if k != "conversion"}, "path": str(older)})
+    restaged = stage_gguf(MODEL)
+    assert restaged["path"] == smollm2["path"] and restaged["conversion"] == smollm2["conversion"] == 2
 
 
 def test_prepare_gguf_refuses_what_holds_no_gguf_file(tmp_path, capsys):
