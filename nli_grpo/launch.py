@@ -102,8 +102,7 @@ def _holder_alive(holder: dict, job: str | None) -> bool:
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
-        return True
+            pass  # alive: another user's process
     return True
 
 
