@@ -452,14 +452,16 @@ def sbatch_script(folder: Path, parameters: dict, array_size: int) -> str:
 
 
 def array_groups(cells: list, options: LaunchOptions, name: str, max_array_size: int) -> list[tuple[dict, list]]:
-    """The job arrays a list of cells (objects with `.cfg`, and a `.dependency` when they wait on a
-    job) is submitted as: one per distinct executor parameters (cells asking Slurm for the same
-    thing, after the same job), chunked to the cluster's MaxArraySize. The dry run shows exactly
-    these; the submission submits exactly these."""
+    """The job arrays a list of cells (objects with `.cfg`, a `.dependency` when they wait on a
+    queued job, `.after` when on a job of the same submission) is submitted as: one per distinct
+    executor parameters and jobs waited on (cells asking Slurm for the same thing, after the same
+    jobs), chunked to the cluster's MaxArraySize. The dry run shows exactly these; the submission
+    submits exactly these."""
     groups: dict[str, tuple[dict, list]] = {}
     for cell in cells:
         params = executor_parameters(cell.cfg.resources, options, name, getattr(cell, "dependency", None))
-        groups.setdefault(json.dumps(params, sort_keys=True), (params, []))[1].append(cell)
+        key = json.dumps([params, getattr(cell, "after", ())], sort_keys=True)
+        groups.setdefault(key, (params, []))[1].append(cell)
     return [(params, group[start:start + max_array_size])
             for params, group in groups.values() for start in range(0, len(group), max_array_size)]
 
@@ -474,18 +476,41 @@ def cell_job(cell, options: LaunchOptions) -> CellJob:
 # --------------------------------------------------------------------------- submitting
 @dataclass
 class ArrayNode:
-    """One job array of a submission (a sweep's cells, a pool's shards, its merge): what sbatch is
-    given, the jobs by part (cell id, shard), and what records them."""
+    """One job array of a submission (a sweep's cells, a pool's shards, its merge, preflights):
+    what sbatch is given, the jobs by part (cell id, shard, combination), and what records them."""
 
     name: str
     parameters: dict
+    """submitit's executor parameters; a dependency on jobs queued before this submission is in them."""
     jobs: dict
     """part -> the callable the job runs (a CellJob)."""
     log_folder: Path
     record: Callable[[dict], object]
     """Called with {part: submitit job} as soon as its sbatch returned (the manifest's record)."""
     after: tuple = ()
-    """Earlier nodes of the same submission whose jobs must succeed first (`afterok`)."""
+    """Jobs of earlier nodes of the same submission that must succeed first (`afterok`): a node's
+    name (all its jobs) or (node name, part) (one job)."""
+    kind: str = ""
+    """What its jobs are ("pool shards", "pool merge", "preflight", "cells"), for the graph's description."""
+    prepare: Callable[[], object] | None = None
+    """Writes what its jobs read (config snapshots...) just before its sbatch; never in a dry run."""
+
+
+def _after_jobs(node: ArrayNode, queued: dict[str, dict]) -> list:
+    """The submitted jobs `node.after` names."""
+    return [job for ref in node.after
+            for job in ([queued[ref[0]][ref[1]]] if isinstance(ref, tuple) else queued[ref].values())]
+
+
+def dependency_text(node: ArrayNode, queued: dict[str, dict] | None = None) -> str | None:
+    """node's Slurm dependency: the one in its parameters plus `afterok` on the jobs of `after`;
+    before submission (`queued` None, the dry run) those are named in angle brackets."""
+    given = node.parameters.get("slurm_additional_parameters", {}).get("dependency", "")
+    if queued is None:
+        waits = [f"<the {ref[0]} job of {ref[1]}>" if isinstance(ref, tuple) else f"<the {ref} job>" for ref in node.after]
+    else:
+        waits = [str(job.job_id) for job in _after_jobs(node, queued)]
+    return ",".join(filter(None, [given, f"afterok:{':'.join(waits)}" if waits else ""])) or None
 
 
 class SubmissionError(RuntimeError):
@@ -514,16 +539,22 @@ def submit_graph(nodes: list[ArrayNode], cluster: str) -> dict[str, dict]:
     """Submit job arrays in order, each with `afterok` on the jobs of the nodes it comes after,
     and record each as soon as its sbatch returns. Returns {node name: {part: job}}; raises
     SubmissionError at the first failed sbatch (submitit's errors included), the earlier ones
-    recorded, so that a rerun submits only what is missing."""
+    recorded, so that a rerun submits only what is missing.
+    Local executors know no dependencies: a node waits here for the jobs it comes after, and is
+    not submitted (absent from the result) when one of them failed."""
     queued: dict[str, dict] = {}
     for node in nodes:
         parameters = dict(node.parameters)
-        waits = [str(job.job_id) for name in node.after for job in queued[name].values()]
-        if waits:
-            additional = dict(parameters.get("slurm_additional_parameters", {}))
-            given = additional.get("dependency", "")
-            additional["dependency"] = ",".join(filter(None, [given, f"afterok:{':'.join(waits)}"]))
+        if cluster == "slurm":
+            additional = {k: v for k, v in parameters.get("slurm_additional_parameters", {}).items() if k != "dependency"}
+            if dependency := dependency_text(node, queued):
+                additional["dependency"] = dependency
             parameters["slurm_additional_parameters"] = additional
+        elif any((ref[0] if isinstance(ref, tuple) else ref) not in queued for ref in node.after) \
+                or not wait_for(_after_jobs(node, queued)):
+            continue  # what it comes after was not submitted, or failed
+        if node.prepare is not None:
+            node.prepare()
         executor = make_executor(cluster, node.log_folder, parameters)
         with _interrupt_deferred():
             try:
@@ -541,26 +572,15 @@ def submit_graph(nodes: list[ArrayNode], cluster: str) -> dict[str, dict]:
     return queued
 
 
-def submit_cells(cells: list, options: LaunchOptions, folder: Path, name: str, max_array_size: int,
-                 record: Callable[[dict], object]) -> tuple[dict, list]:
-    """Submit cells (objects with `.cfg` and `.run_dir`) as the job arrays of `array_groups`,
-    `record`ing each array's {cell_id: job} as soon as it is queued. Returns ({cell_id: job},
-    [errors]); a failed submission stops the rest and is reported, the jobs already submitted
-    are returned (and recorded)."""
-    jobs: dict = {}
-
-    def keep(queued: dict) -> None:
-        jobs.update(queued)
-        record(queued)
-
-    nodes = []
-    for i, (params, chunk) in enumerate(array_groups(cells, options, name, max_array_size), 1):
-        for cell in chunk:
-            write_config_snapshot(cell.cfg, cell.run_dir)
-        nodes.append(ArrayNode(f"array {i} of cells", params, {c.cfg.output.cell_id: cell_job(c, options) for c in chunk},
-                               folder, keep))
-    try:
-        submit_graph(nodes, options.cluster)
-    except SubmissionError as err:
-        return jobs, [str(err)]
-    return jobs, []
+def wait_for(jobs) -> bool:
+    """Wait for jobs run on this machine; whether all of them succeeded (a failure shows in its
+    own files: the cell's result, the pool's state, the verdict)."""
+    ok = True
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as err:  # noqa: BLE001 - reported, and the nodes after it are not submitted
+            print(f"job {job.job_id} failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}",
+                  file=sys.stderr)
+            ok = False
+    return ok

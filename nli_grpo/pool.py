@@ -8,8 +8,9 @@ A `Pool` says what to sample (base model, k samples per ANLI training item, the 
 which an item is hard, the seed) and how to split the work (shards, resources per shard). Its
 folder, `results/bootstrap/<pool id>/` (nli_grpo.layout.PoolFolder), is named after what it samples,
 so the same declaration always finds the same pool, and holds the shards' work, the pool and its
-record. `ensure_pool` submits what is missing (shards not complete and not queued, then the merge
-with `afterok` on them) or reuses what is queued, and returns the job the training cells wait on.
+record. `plan_pool` finds what is missing (shards not complete and not queued, then the merge with
+`afterok` on them) or the queued merge to wait on; `pool_nodes` are the job arrays that build it,
+in a sweep's job graph (nli_grpo.graph) before the cells, or alone (`ensure_pool`, sweeps/bootstrap.py).
 The sampling itself is nli_grpo.bootstrap's, on the node.
 """
 
@@ -189,11 +190,20 @@ class PoolPlan:
     folder: PoolFolder
     complete: bool = False
     merge_job: str | None = None
-    """The job the training cells wait on (`afterok`)."""
+    """The queued merge job the training cells wait on (`afterok`), when no merge is submitted now."""
     submitted: dict = field(default_factory=dict)
     """part -> job id, submitted now."""
     to_submit: list = field(default_factory=list)
     """Parts a (dry) run submits."""
+    queued_shards: list = field(default_factory=list)
+    """Job ids of shards queued before, which a merge submitted now waits on."""
+    replace: list = field(default_factory=list)
+    """Job ids of parts waiting forever on a failed job (or a merge waiting on shards submitted
+    again): cancelled when the parts are submitted."""
+
+    @property
+    def shards(self) -> list[str]:
+        return [p for p in self.to_submit if p != MERGE_ID]
 
 
 def shard_command(folder: PoolFolder, index: int, count: int) -> list[str]:
@@ -204,50 +214,41 @@ def merge_command(folder: PoolFolder) -> list[str]:
     return [sys.executable, "-u", "-m", "nli_grpo.bootstrap", "--pool-dir", str(folder.path), "--merge"]
 
 
-def ensure_pool(pool: Pool, results_root: str | Path, options: launch.LaunchOptions,
-                queue: Callable[[list], dict] | None, dry_run: bool = False) -> PoolPlan:
-    """Make sure the pool is built or being built: submit the shards that are neither complete nor
-    queued (one job array) and, unless a merge is queued already, the merge with `afterok` on every
-    queued shard. `queue` reads the queue for job ids (slurm.queued_jobs; None: the files alone).
-    The pool's manifest is locked from reading the queue to the last record, and each array is
-    recorded as its sbatch returns (launch.submit_graph; SubmissionError when one fails).
-    Returns the plan (with the merge job to wait on); a dry run submits nothing."""
+def plan_pool(pool: Pool, results_root: str | Path, queued: dict | None) -> PoolPlan:
+    """What is missing of the pool: the shards neither complete nor queued and, unless a merge is
+    queued already (then the job to wait on), the merge. `queued`: the queue's states of the
+    pool's recorded jobs (slurm.queued_jobs; None: the files alone decide)."""
     folder = pool.folder(results_root)
     plan = PoolPlan(folder)
     if folder.complete():
         plan.complete = True
         return plan
-    with contextlib.ExitStack() as held:
-        book = None if dry_run else held.enter_context(manifest.held(folder.path))
-        queued = queue(manifest.recorded_jobs(folder.path)) if queue is not None else None
-        states = {s.part: s for s in part_states(pool, folder, queued)}
-        shards = [i for i in range(pool.shards) if states[folder.shard_id(i, pool.shards)].state not in ("complete", "queued")]
-        merge = states[MERGE_ID]
-        plan.to_submit = [folder.shard_id(i, pool.shards) for i in shards] + ([] if merge.state == "queued" and not shards else [MERGE_ID])
-        if merge.state == "queued" and not shards:
-            plan.merge_job = merge.job_id
-            return plan
-        if dry_run:
-            return plan
-        _submit(pool, folder, options, shards, states, book, plan)
-    plan.complete = folder.complete()
+    states = {s.part: s for s in part_states(pool, folder, queued)}
+    shards = [folder.shard_id(i, pool.shards) for i in range(pool.shards)
+              if states[folder.shard_id(i, pool.shards)].state not in ("complete", "queued")]
+    merge = states[MERGE_ID]
+    if merge.state == "queued" and not shards:
+        plan.merge_job = merge.job_id
+        return plan
+    plan.to_submit = [*shards, MERGE_ID]
+    plan.queued_shards = [s.job_id for p, s in states.items() if p != MERGE_ID and s.state == "queued"]
+    plan.replace = [s.job_id for s in states.values() if s.state == "blocked" and s.job_id]
+    if merge.state == "queued":
+        plan.replace.append(merge.job_id)  # it waits on shards that are submitted again now
     return plan
 
 
-def _submit(pool: Pool, folder: PoolFolder, options: launch.LaunchOptions, shards: list[int], states: dict,
-            book: manifest.Book, plan: PoolPlan) -> None:
-    """Submit the missing shards (one array) and the merge after every shard, recording each."""
-    write_spec(pool, folder)
+def pool_nodes(pool: Pool, plan: PoolPlan, options: launch.LaunchOptions, book: manifest.Book | None) -> list[launch.ArrayNode]:
+    """The job arrays that build what the plan finds missing: the shards (one array), then the
+    merge after them and after the shards queued before; each recorded in the pool's manifest
+    (`book`; None in a dry run) as its sbatch returns."""
+    if not plan.to_submit:
+        return []
+    folder = plan.folder
     log_folder = folder.path / LOGS_DIRNAME
-    merge = states[MERGE_ID]
-    blocked = [s.job_id for s in states.values() if s.state == "blocked" and s.job_id]
-    queued_shards = [s.job_id for p, s in states.items() if p != MERGE_ID and s.state == "queued"]
-    if merge.state == "queued":
-        blocked.append(merge.job_id)  # it waits on shards that are resubmitted now: replace it
-    if blocked:
-        slurm.cancel(blocked)
-    parts = {part: {"command": shard_command(folder, i, pool.shards)} for i, part in
-             ((i, folder.shard_id(i, pool.shards)) for i in range(pool.shards))} | {MERGE_ID: {"command": merge_command(folder)}}
+    index = {folder.shard_id(i, pool.shards): i for i in range(pool.shards)}
+    parts = {part: {"command": shard_command(folder, i, pool.shards)} for part, i in index.items()} | {
+        MERGE_ID: {"command": merge_command(folder)}}
     record = manifest.submission_record(options.cluster, log_folder, {}, options.retries)
 
     def keep(jobs: dict) -> None:
@@ -255,35 +256,45 @@ def _submit(pool: Pool, folder: PoolFolder, options: launch.LaunchOptions, shard
         plan.submitted.update(manifest.job_ids(jobs))
         book.record(parts, record)
 
+    def prepare() -> None:  # before the first sbatch: the spec the jobs read; what they replace goes
+        write_spec(pool, folder)
+        if plan.replace:
+            slurm.cancel(plan.replace)
+
     nodes = []
-    if shards:
+    if plan.shards:
         params = launch.executor_parameters(ResourcesConfig(**pool.resources), options, f"nli_grpo_bootstrap_{pool.pool_id[:40]}")
-        nodes.append(launch.ArrayNode("the pool's shards", params, {
-            folder.shard_id(i, pool.shards): launch.CellJob(shard_command(folder, i, pool.shards), str(folder.path), options.stop_timeout_s,
-                                                           pool.resources.get("cpus_per_task", 1), pool.resources.get("gpus_per_node", 0),
-                                                           options.retries, options.online, exclusive=False)
-            for i in shards}, log_folder, keep))
-    sequential = options.cluster != "slurm"  # submitit's local executors know no dependencies: wait here
+        nodes.append(launch.ArrayNode("pool shards", params, {
+            part: launch.CellJob(shard_command(folder, index[part], pool.shards), str(folder.path), options.stop_timeout_s,
+                                 pool.resources.get("cpus_per_task", 1), pool.resources.get("gpus_per_node", 0),
+                                 options.retries, options.online, exclusive=False)
+            for part in plan.shards}, log_folder, keep, kind="pool shards", prepare=prepare))
+    waits = plan.queued_shards if options.cluster == "slurm" else []  # local executors know no queue
     params = launch.executor_parameters(MERGE_RESOURCES, options, "nli_grpo_bootstrap_merge",
-                                        dependency=f"afterok:{':'.join(queued_shards)}" if queued_shards and not sequential else None)
-    merge_node = launch.ArrayNode("the pool's merge", params, {MERGE_ID: launch.CellJob(
+                                        dependency=f"afterok:{':'.join(waits)}" if waits else None)
+    nodes.append(launch.ArrayNode("pool merge", params, {MERGE_ID: launch.CellJob(
         merge_command(folder), str(folder.path), options.stop_timeout_s, 2, 0, options.retries, options.online, exclusive=False)},
-        log_folder, keep, after=() if sequential or not shards else ("the pool's shards",))
-    if sequential:
-        for node in (*nodes, merge_node):
-            _wait(launch.submit_graph([node], options.cluster)[node.name].values())
-    else:
-        launch.submit_graph([*nodes, merge_node], options.cluster)
-        plan.merge_job = plan.submitted[MERGE_ID]
+        log_folder, keep, after=("pool shards",) if plan.shards else (), kind="pool merge",
+        prepare=None if plan.shards else prepare))
+    return nodes
 
 
-def _wait(jobs) -> None:
-    """Wait for jobs run on this machine (their failure shows in the pool's state files)."""
-    for job in jobs:
-        try:
-            job.result()
-        except Exception as err:  # noqa: BLE001 - reported by part_states / status, and the cells then fail to load the pool
-            print(f"bootstrap job failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+def ensure_pool(pool: Pool, results_root: str | Path, options: launch.LaunchOptions,
+                queue: Callable[[list], dict] | None, dry_run: bool = False) -> PoolPlan:
+    """The pool alone (sweeps/bootstrap.py): plan what is missing (plan_pool) and, unless a dry
+    run, submit it (pool_nodes, launch.submit_graph; SubmissionError when an sbatch fails), the
+    pool's manifest locked from reading the queue to the last record. A sweep whose cells train
+    on the pool puts the same nodes in its own graph (nli_grpo.graph)."""
+    folder = pool.folder(results_root)
+    with contextlib.ExitStack() as held:
+        book = None if dry_run else held.enter_context(manifest.held(folder.path))
+        plan = plan_pool(pool, results_root, queue(manifest.recorded_jobs(folder.path)) if queue is not None else None)
+        if not dry_run and plan.to_submit:
+            queued = launch.submit_graph(pool_nodes(pool, plan, options, book), options.cluster)
+            if options.cluster != "slurm":  # this machine runs them: wait (a failure shows in the pool's state files)
+                launch.wait_for([job for jobs in queued.values() for job in jobs.values()])
+    plan.complete = folder.complete()
+    return plan
 
 
 def describe_plan(plan: PoolPlan) -> str:
@@ -292,7 +303,7 @@ def describe_plan(plan: PoolPlan) -> str:
         return f"pool {plan.folder.path}: complete"
     if plan.submitted:
         return (f"pool {plan.folder.path}: submitted {', '.join(f'{p} ({j})' for p, j in plan.submitted.items())}; "
-                f"the training cells wait on the merge (job {plan.merge_job})")
+                f"the training cells wait on the merge (job {plan.submitted.get(MERGE_ID, '?')})")
     if plan.merge_job:
         return f"pool {plan.folder.path}: being built; the training cells wait on its merge (job {plan.merge_job})"
     return f"pool {plan.folder.path}: missing; would submit {', '.join(plan.to_submit)}, and the training cells after its merge"

@@ -5,13 +5,14 @@ A short job that does what a cell does, a few steps of it, and says whether the 
 combination (base model x quantization x rollout backend x GPUs, nli_grpo.verdict.combination)
 will run, and run right:
 
-a. load the base and the rollout engine as a cell does (training.build_trainer); record the device,
-   driver / CUDA and library versions;
+a. load the base and the rollout engine as a cell does (training.build_trainer; with
+   rollout.backend=vllm_server, first start the server as the cell's job does: job_server); record
+   the device, driver / CUDA and library versions;
 b. preflight.cycles generation cycles of real GRPO steps at the recipe's lengths on its training
    source (every step a full update: zero-advantage skips are off, so the rate is an upper bound),
    timed by phase (nli_grpo.phases), with one real checkpoint save; peak memory against what the
    cell asks for and the sweep validator's estimate; tokens/s;
-c. sampler vs trainer (vLLM backends): the same completions scored by both at the same adapter
+c. sampler vs trainer (vLLM backends, colocated or the server): the same completions scored by both at the same adapter
    version, for the base and after a non-zero adapter is published (mean / max |delta log p|);
    the adapter changes the sampler's greedy output and matches HF greedy with it; a republished
    version is not served stale. With rollout.backend=hf the sampler is the trainer: only the
@@ -20,20 +21,31 @@ d. the measured rate projected to the cell (load + grpo.max_steps + evaluation) 
    (resources.timeout_min) less the USR2 signal delay, the checkpoint cadence, GPU-hours;
 e. a verdict, pass / warn / fail with reasons (nli_grpo.verdict; thresholds: config `preflight.*`).
 
+a to d run in a child process that the command's own process (which loads nothing) watches: a
+combination that does not fit in memory gets its process killed (the OOM killer, Slurm's memory
+limit, or this parent enforcing resources.mem_gb), and the parent still writes a `fail` verdict
+saying so, and while doing what (guarded_preflight).
+
 The verdict goes to `results/<output.sweep>/preflight/<combination>.json` (layout.preflight_file)
-unless --out says otherwise. Exit status 0 for pass / warn, 1 for fail, 2 for a refused config.
+unless --out says otherwise. Exit status 0 for pass / warn, 1 for fail (a killed or failed
+measurement too), 2 for a refused config.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
+import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from . import results, verdict
@@ -46,6 +58,12 @@ log = logging.getLogger("nli_grpo.preflight")
 
 #: Seed of the adapter perturbations (fixed: a rerun publishes the same adapters).
 PERTURBATION_SEED = 1234
+#: Rollout backends whose sampler is vLLM: colocated, or the job's own server.
+VLLM_BACKENDS = ("vllm", "vllm_server")
+#: Seconds between two samples of the measuring child's resident memory (guarded_preflight).
+MEMORY_SAMPLE_S = 0.5
+#: Lines of a failed child's traceback kept in the verdict.
+ERROR_LINES = 20
 
 
 def preflight_config(cfg: ExperimentConfig, work_dir: Path) -> ExperimentConfig:
@@ -122,6 +140,9 @@ def _sampler_greedy(trainer, prompt_ids: list[list[int]], tokens: int, adapter: 
     """The rollout engine's greedy completions and their tokens' log-probs, with the trainer's
     current adapter (published as a generation batch would publish it) or, `adapter=False`,
     without any (the base as vLLM serves it)."""
+    if hasattr(trainer, "client"):  # rollout.backend=vllm_server: each publish is a new version, under a new name
+        model = trainer.versions.name(trainer.versions.publish(trainer)) if adapter else "base"
+        return trainer.client.generate(model, prompt_ids, [0] * len(prompt_ids), temperature=0.0, max_tokens=tokens)
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, logprobs=0)
@@ -144,6 +165,19 @@ def _output_changed(tokens: list, logps: list, base_tokens: list, base_logps: li
     return bool(shifts) and sum(shifts) / len(shifts) > 1e-4
 
 
+def _sampler_settings(trainer, cfg: ExperimentConfig) -> dict:
+    """The dtype the sampler runs in and what it reports as log-probs: the colocated engine's own,
+    or what the job's vLLM server was started with (nli_grpo.server.server_command)."""
+    if hasattr(trainer, "client"):
+        import torch
+
+        from .server import logprobs_mode, server_dtype
+
+        return {"sampler_dtype": server_dtype(cfg, torch.cuda.is_available()), "logprobs_mode": logprobs_mode(cfg)}
+    config = trainer.llm.llm_engine.model_config
+    return {"sampler_dtype": str(config.dtype).removeprefix("torch."), "logprobs_mode": str(config.logprobs_mode)}
+
+
 def _new_version(trainer) -> None:
     """Make the next generation publish a new adapter version. The hot swap keys a version by the
     optimizer step (one version per step, as in training); the preflight's perturbations happen
@@ -159,7 +193,7 @@ def check_agreement(trainer, cfg: ExperimentConfig, base_deltas: list[float] | N
     model = trainer.accelerator.unwrap_model(trainer.model)
     tokenizer = trainer.processing_class
     prompts = _agreement_prompts(trainer, cfg)
-    vllm = cfg.rollout.backend == "vllm"
+    vllm = cfg.rollout.backend in VLLM_BACKENDS
     model.eval()
     with model.disable_adapter():
         base_greedy = _hf_greedy(model, tokenizer, prompts, p.greedy_tokens)
@@ -190,13 +224,14 @@ def check_agreement(trainer, cfg: ExperimentConfig, base_deltas: list[float] | N
     # Stale: the sampler's output is still the previous version's, tokens and log-probs, though
     # the second adapter is another one (other seed).
     stale = not _output_changed(sampler_second, second_logps, sampler_first, first_logps)
+    sampler = _sampler_settings(trainer, cfg)
     doc.update({
-        "sampler_dtype": str(trainer.llm.llm_engine.model_config.dtype).removeprefix("torch."),
+        "sampler_dtype": sampler["sampler_dtype"],
         "trainer_dtype": str(model.get_base_model().dtype).removeprefix("torch."),
-        "logprobs_mode": str(trainer.llm.llm_engine.model_config.logprobs_mode),
+        "logprobs_mode": sampler["logprobs_mode"],
         "loss_temperature": cfg.grpo.loss_temperature or cfg.grpo.temperature,
         "logprob_delta": {"base": _delta_figures(base_deltas or []), "adapter": _delta_figures(adapter_deltas)},
-        "greedy": {"sampler": "vllm", "prompts": len(prompts), "tokens": p.greedy_tokens,
+        "greedy": {"sampler": cfg.rollout.backend, "prompts": len(prompts), "tokens": p.greedy_tokens,
                    "matching_prompts": sum(a == b for a, b in zip(sampler_first, hf_first)),
                    "adapter_changed_tokens": sampler_first != base_tokens,
                    "adapter_applied": _output_changed(sampler_first, first_logps, base_tokens, base_logps),
@@ -252,27 +287,67 @@ def eval_items(cfg: ExperimentConfig) -> int:
     return sum(min(cfg.eval.limit or BENCHMARKS[name].expected_n, BENCHMARKS[name].expected_n) for name in cfg.eval.benchmarks)
 
 
-def run_preflight(cfg: ExperimentConfig, out: Path, signal_delay_s: float = SIGNAL_DELAY_S) -> dict:
-    """Run the preflight of `cfg`'s combination; write the verdict document to `out` (atomically)
-    and return it."""
+@contextlib.contextmanager
+def job_server(cfg: ExperimentConfig, work: Path):
+    """rollout.backend=vllm_server: the vLLM server the cell's job would start (nli_grpo.server.serving,
+    as launch.CellJob.serving does), in `work`, stopped on the way out; while it runs, this process
+    has the environment the job gives its training process (the server's URL, the training GPUs)."""
+    from .server import serving
+
+    with serving(cfg, work) as env:
+        before = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _close(trainer) -> None:
+    """Stop the trainer's rollout side (engine, server client) and free its memory."""
+    from .training import _release
+
+    if hasattr(trainer, "close_rollout"):
+        trainer.close_rollout()
+    _release(trainer)
+
+
+def run_preflight(cfg: ExperimentConfig, out: Path, signal_delay_s: float = SIGNAL_DELAY_S,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Run the preflight of `cfg`'s combination in this process; write the verdict document to
+    `out` (atomically) and return it. `progress` is told each phase as it starts ("loading the
+    model ...", "generation cycle 2 of 3", ...); by default they are logged. `main` runs this in a
+    watched child process (guarded_preflight)."""
     import torch
 
     from .phases import PHASES, attach_phase_timer, time_calls
     from .process import StopRequest
-    from .training import _release, build_trainer
+    from .training import build_trainer
 
+    progress = progress or (lambda phase: log.info("preflight: %s", phase))
     started = time.perf_counter()
     work = out.with_suffix(".work")
     shutil.rmtree(work, ignore_errors=True)
     short = preflight_config(cfg, work)
     # a. load as a cell does: the base with LoRA, the prompts, the rollout engine
-    trainer, data_info = build_trainer(short, StopRequest())
-    load_s = time.perf_counter() - started
-    try:
+    progress(f"loading {cfg.model.name_or_path} and the rollout engine ({cfg.rollout.backend})")
+    # undone last in, first out: the trainer and its engine, the job's server, the work folder
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+        if cfg.rollout.backend == "vllm_server":
+            cleanup.enter_context(job_server(short, work))
+        trainer, data_info = build_trainer(short, StopRequest())
+        cleanup.callback(_close, trainer)
+        load_s = time.perf_counter() - started
         base_deltas = None
-        if cfg.rollout.backend == "vllm":  # c. at step 0 the adapter is zero (LoRA B = 0): the base
+        if cfg.rollout.backend in VLLM_BACKENDS:  # c. at step 0 the adapter is zero (LoRA B = 0): the base
             from .rollout import sampler_logprob_deltas
 
+            progress("scoring the base's completions by the sampler and the trainer (agreement at step 0)")
             prompts = _agreement_prompts(trainer, cfg)
             base_deltas = sampler_logprob_deltas(trainer, [ids for ids in prompts for _ in range(cfg.grpo.num_generations)])
         # b. real GRPO steps, timed by phase, with one checkpoint save
@@ -282,6 +357,7 @@ def run_preflight(cfg: ExperimentConfig, out: Path, signal_delay_s: float = SIGN
         generate = trainer._generate_single_turn
 
         def counting(prompt_ids, *args, **kwargs):
+            progress(f"running generation cycle {len(tokens) + 1} of {cfg.preflight.cycles} (and its steps)")
             completion_ids, logprobs = generate(prompt_ids, *args, **kwargs)
             tokens.append((sum(map(len, prompt_ids)), sum(map(len, completion_ids))))
             return completion_ids, logprobs
@@ -293,12 +369,8 @@ def run_preflight(cfg: ExperimentConfig, out: Path, signal_delay_s: float = SIGN
         trainer.train()
         trainer._generate_single_turn = generate  # the agreement checks' generations are not training's
         memory = _memory(cfg, trainer)
+        progress("running the agreement checks (sampler vs trainer, adapter published)")
         agreement = check_agreement(trainer, cfg, base_deltas)
-    finally:
-        if hasattr(trainer, "close_rollout"):
-            trainer.close_rollout()
-        _release(trainer)
-        shutil.rmtree(work, ignore_errors=True)
     cycle = cfg.grpo.num_iterations
     timed = steps[cycle:]  # the first generation cycle warms up
     seconds_per_step = sum(s["step"] for s in timed) / len(timed)
@@ -347,6 +419,154 @@ def run_preflight(cfg: ExperimentConfig, out: Path, signal_delay_s: float = SIGN
     return doc
 
 
+def _measure(cfg: ExperimentConfig, out: Path, signal_delay_s: float, parent) -> None:
+    """The child's side of guarded_preflight: run_preflight, telling the parent (a Pipe's end) each
+    phase, then its verdict document, or the traceback that ended it."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def progress(phase: str) -> None:
+        log.info("preflight: %s", phase)
+        parent.send(("phase", phase))
+
+    try:
+        parent.send(("done", run_preflight(cfg, out, signal_delay_s, progress)))
+    except BaseException:
+        parent.send(("error", "".join(traceback.format_exc().splitlines(keepends=True)[-ERROR_LINES:])))
+        raise
+
+
+def _tree(process) -> list:
+    """`process` (a psutil.Process) and its descendants alive now."""
+    import psutil
+
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _resident_gb(processes: list) -> float:
+    """Resident memory of `processes`, summed (as _memory sums the trainer's and vLLM's engine's)."""
+    import psutil
+
+    total = 0
+    for p in processes:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # exited between listing and reading
+            pass
+    return total / 2**30
+
+
+def _kill(processes: list) -> None:
+    import psutil
+
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def guarded_preflight(cfg: ExperimentConfig, out: Path, signal_delay_s: float = SIGNAL_DELAY_S) -> dict:
+    """run_preflight in a child process, watched by this one; the verdict document, written to `out`.
+
+    Why a child: a combination that does not fit in host memory gets the process that loads it
+    killed by SIGKILL (the kernel's OOM killer, Slurm's cgroup), and a killed process writes
+    nothing: no verdict, and the cells chained after the preflight would wait with no reason. This
+    parent loads nothing, so it survives to write a `fail` verdict saying what happened and while
+    doing what. "spawn", not fork: a fresh interpreter, nothing of this one's state (torch's
+    threads, CUDA) carried into the child.
+
+    The parent also enforces resources.mem_gb, as Slurm's cgroup would on the cells' nodes: every
+    MEMORY_SAMPLE_S it sums the resident memory of the child and its descendants (vLLM's engine
+    processes) and, once that is over the limit, kills them all with SIGKILL. So the verdict is the
+    same whether or not the machine the preflight runs on limits memory itself (this CPU machine
+    does not), and a preflight of a combination too big for its cells stops before it takes the
+    node down. A spike between two samples can still reach the kernel's OOM killer first: that
+    SIGKILL is reported the same way (check `memory`)."""
+    import psutil
+
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    # not a daemon: vLLM starts its engine in a process of its own, which a daemon cannot have
+    child = context.Process(target=_measure, args=(cfg, out, signal_delay_s, send), name="preflight-measure")
+    child.start()
+    send.close()
+    watched = psutil.Process(child.pid)
+    death: dict = {"phase": None, "peak_rss_gb": 0.0, "killed_by": None}
+    tree = [watched]
+    try:
+        doc = _watch(child, receive, cfg.resources.mem_gb, death, tree)
+    except BaseException:  # this parent was interrupted (Ctrl-C): the child goes with it
+        _kill(_tree(watched) or tree)
+        raise
+    finally:
+        child.join()
+        _kill([p for p in tree if p.pid != child.pid])  # vLLM engine processes a killed child leaves behind
+        receive.close()
+    if doc is not None and child.exitcode == 0:
+        return doc
+    code = child.exitcode
+    death.update(exitcode=code, signal=signal.Signals(-code).name if code is not None and code < 0 else None)
+    if death["killed_by"] is None and death["phase"] is None:
+        death["phase"] = "starting (importing torch and the trainer)"
+    return _death_verdict(cfg, out, death, time.perf_counter() - started)
+
+
+def _watch(child, receive, limit_gb: float, death: dict, tree: list) -> dict | None:
+    """guarded_preflight's loop until the child ends: its messages (phases into `death`), and every
+    MEMORY_SAMPLE_S its processes (into `tree`) and their resident memory, killed when over
+    `limit_gb`. Returns the child's verdict document, or None when it sent none."""
+    doc, reading = None, True
+    while True:
+        alive = child.is_alive()
+        try:
+            # poll with a timeout, not a blocking recv: the loop also samples the memory
+            while reading and receive.poll(MEMORY_SAMPLE_S if alive else 0):
+                kind, value = receive.recv()
+                if kind == "phase":
+                    death["phase"] = value
+                elif kind == "done":
+                    doc = value
+                else:
+                    death["error"] = value
+        except EOFError:  # the child closed its end: it is exiting
+            reading = False
+        if not alive:
+            return doc
+        if not reading:
+            time.sleep(MEMORY_SAMPLE_S)
+        tree[:] = _tree(tree[0]) or tree  # a child that just exited has no children left to list
+        resident = _resident_gb(tree)
+        death["peak_rss_gb"] = round(max(death["peak_rss_gb"], resident), 3)
+        if resident > limit_gb and child.is_alive():
+            log.error("preflight: its processes hold %.2f GB resident, over resources.mem_gb=%s: killing them", resident, limit_gb)
+            death.update(killed_by="preflight", processes_killed=len(tree))
+            _kill(tree)
+
+
+def _death_verdict(cfg: ExperimentConfig, out: Path, death: dict, elapsed_s: float) -> dict:
+    """The `fail` verdict of a preflight whose measuring child ended without one (guarded_preflight),
+    written to `out`: how it died, while doing what, the memory seen."""
+    doc = {
+        "schema_version": verdict.VERDICT_SCHEMA_VERSION,
+        "combination": verdict.combination(cfg),
+        "verdict": "fail",
+        "reasons": verdict.death_findings(death, cfg.resources.mem_gb),
+        "created": results.now_iso(),
+        "elapsed_s": round(elapsed_s, 1),
+        "death": death,
+        "memory": {"peak_gb": death["peak_rss_gb"], "limit_gb": cfg.resources.mem_gb, "limit_field": "resources.mem_gb",
+                   "measured": f"resident memory of the preflight's processes, sampled every {MEMORY_SAMPLE_S} s until it ended"},
+        "config": cfg.to_dict(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results.atomic_write_json(out, doc)
+    return doc
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nli_grpo.preflight",
                                      description="Preflight one combination (model x quantization x rollout x GPUs) of a recipe.")
@@ -372,7 +592,7 @@ def main(argv=None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return EXIT_REFUSED
     out = Path(args.out) if args.out else preflight_file(Path("results") / cfg.output.sweep, verdict.combination(cfg))
-    doc = run_preflight(cfg, out, args.signal_delay_s)
+    doc = guarded_preflight(cfg, out, args.signal_delay_s)
     print(f"preflight {doc['combination']}: {doc['verdict'].upper()} ({doc['elapsed_s']} s) -> {out}")
     for item in doc["reasons"]:
         print(f"  {item['level']} [{item['check']}] {item['reason']}")

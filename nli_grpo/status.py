@@ -166,18 +166,40 @@ def _end_state(ended: dict, job_id: str | None) -> str:
 
 
 def blocked_detail(folder: CellFolder) -> str:
-    """Why a cell's job waits forever: the job it depends on failed (its pool's merge, when it
-    trains on a pool being built), and what to do."""
+    """Why a cell's job waits forever: a job it depends on failed (its pool's merge, when it
+    trains on a pool being built; its combination's preflight, when the sweep ran --preflight),
+    and what to do."""
     import yaml
 
     try:
-        files = ((yaml.safe_load(folder.config_snapshot.read_text()) or {}).get("data") or {}).get("files") or {}
+        snapshot = yaml.safe_load(folder.config_snapshot.read_text()) or {}
     except (OSError, yaml.YAMLError):
-        files = {}
+        snapshot = {}
+    files = (snapshot.get("data") or {}).get("files") or {}
     merge = results.load_json(PoolFolder(Path(files["anli_hard"]).parent).merge_state) if files.get("anli_hard") else None
-    cause = (f"its pool's merge failed ({merge.get('error') or 'see its log'}; python -m nli_grpo.status "
-             f"{Path(files['anli_hard']).parent})" if merge and merge.get("status") == "failed" else "a job it depends on failed")
-    return f"blocked: {cause}; fix that, then run the sweep again (it cancels and resubmits this cell)"
+    if merge and merge.get("status") == "failed":
+        cause = (f"its pool's merge failed ({merge.get('error') or 'see its log'}; python -m nli_grpo.status "
+                 f"{Path(files['anli_hard']).parent})")
+        return f"blocked: {cause}; fix that, then run the sweep again (it cancels and resubmits this cell)"
+    failed = _failed_preflight(folder, snapshot)
+    if failed:
+        return (f"blocked: its combination's preflight failed ({failed}); fix that, then run the sweep again with --preflight, "
+                "or with --no-preflight to run it unchecked (either cancels and resubmits this cell)")
+    return "blocked: a job it depends on failed; fix that, then run the sweep again (it cancels and resubmits this cell)"
+
+
+def _failed_preflight(folder: CellFolder, snapshot: dict) -> str:
+    """The fail reasons of the verdict of the cell's combination in its sweep folder, if it failed."""
+    from .config import ConfigError, config_from_dict
+
+    try:
+        path = folder.path.parent / PREFLIGHT_DIRNAME / f"{verdict.combination(config_from_dict(snapshot))}.json"
+        doc = verdict.read_verdict(path) if path.is_file() else None
+    except (ConfigError, ValueError, results.ResultError):
+        return ""
+    if not doc or doc["verdict"] != "fail":
+        return ""
+    return "; ".join(r["reason"] for r in doc["reasons"] if r["level"] == "fail")
 
 
 def sweep_status(sweep_dir: str | Path, cell_ids: list[str] | None = None,
@@ -325,6 +347,51 @@ def print_verdicts(sweep_dir: Path, console=None) -> None:
     console.print(table)
 
 
+def print_graph(sweep_dir: Path, queue: Callable[[list], dict] | None = None, accounting: Callable[[list], dict] | None = None,
+                console=None) -> None:
+    """The job graph of the sweep's latest submission as its manifest recorded it (nli_grpo.graph):
+    each node's jobs, what they wait on, and their states now (the queue, else sacct). Nothing
+    when no submission recorded one."""
+    from rich.table import Table
+
+    from .graph import recorded_graph
+
+    nodes = recorded_graph(sweep_dir)
+    if not nodes:
+        return
+    latest = nodes[-1]["submitted_at"]
+    nodes = [n for n in nodes if n["submitted_at"] == latest]
+    ids = [job for n in nodes for job in n["jobs"].values()]
+    queued = _ask(queue, ids) or {}
+    ended = _ask(accounting, [j for j in ids if j not in queued]) or {}
+
+    def state(job: str) -> str:
+        if job in queued:
+            return "blocked" if queued[job] == slurm.BLOCKED else str(queued[job]).lower()
+        return _end_state(ended, job).lower() or "left the queue"
+    table = Table(title=f"job graph of the last submission ({latest})")
+    for column in ("node", "jobs", "after", "now"):
+        table.add_column(column, overflow="fold")
+    for n in nodes:
+        jobs = list(n["jobs"].items())
+        shown = ", ".join(f"{part} {job}" for part, job in jobs[:3]) + (f", ... ({len(jobs)})" if len(jobs) > 3 else "")
+        after = ", ".join([*n["after"], *([n["dependency"]] if n.get("dependency") else [])]) or "—"
+        counts = Counter(state(job) for _, job in jobs)
+        table.add_row(n["node"], shown, after, ", ".join(f"{count} {s}" for s, count in counts.items()))
+    console = console or make_console()
+    console.print(table)
+
+
+def _ask(call: Callable[[list], dict] | None, ids: list) -> dict | None:
+    """Slurm's answer about job ids, None when there is none to ask or it cannot be asked."""
+    if call is None or not ids:
+        return None
+    try:
+        return call(ids)
+    except slurm.SlurmError:
+        return None
+
+
 def show(sweep_dir: Path, as_json: bool = False, console=None) -> int:
     """One frame: the pools' shards and merges, or the sweep's cells (table or JSON lines)."""
     pools = [sweep_dir] if (sweep_dir / POOL_SPEC_FILENAME).is_file() else sorted(
@@ -338,6 +405,7 @@ def show(sweep_dir: Path, as_json: bool = False, console=None) -> int:
     else:
         print_status(sweep_dir.name, lines, console)
         print_verdicts(sweep_dir, console)
+        print_graph(sweep_dir, slurm.queued_jobs, slurm.accounting_states, console)
     return 0
 
 

@@ -13,10 +13,11 @@ again submits only the cells that are not complete and not in the queue (`--forc
 complete ones, whose old folder is moved to `<sweep>/.replaced/`). Nothing is submitted when any
 cell is invalid, or changed: its earlier run, complete or not, used other settings (`--force`
 reruns it afresh). `--smoke` runs the sweep's shape on the tiny model on this machine in minutes.
-`--preflight` submits one preflight job per combination of the cells instead of the cells
-(nli_grpo.preflight); a later run without it refuses the cells of a combination whose verdict is
-`fail` (`--no-preflight` submits them all the same). Every run prints its job graph (pool shards,
-merge, preflight, cells) before submitting it.
+The whole submission is one job graph (nli_grpo.graph): the pool's shards and merge when cells
+train on a pool not built yet, with `--preflight` one preflight job per combination of the cells
+(nli_grpo.preflight) and each combination's cells after it, then the cells; the dry run prints it,
+one function submits it. A run without `--preflight` refuses the cells of a combination whose
+verdict for these settings is `fail` (`--no-preflight` submits them all the same).
 Exit codes: 0 submitted / nothing to do / dry run, 1 a submission failed, 2 refused.
 """
 
@@ -25,14 +26,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import shlex
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import files, launch, manifest, slurm, status, verdict
+from . import files, graph, launch, manifest, slurm, status, verdict
 from .catalog import model_key
 from .config import ConfigError, ExperimentConfig
 from .grid import (
@@ -48,10 +48,9 @@ from .grid import (
     server_weights_gb,
 )
 from .job import config_for_run, conflicting_inputs
-from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, PREFLIGHT_DIRNAME, REPLACED_DIRNAME, CellFolder, preflight_file
-from .pool import Pool, describe_plan, ensure_pool
+from .layout import LOGS_DIRNAME, MANIFEST_FILENAME, PREFLIGHT_DIRNAME, REPLACED_DIRNAME, CellFolder
+from .pool import Pool, describe_plan, ensure_pool, plan_pool
 from .pool import input_problems as pool_input_problems
-from .results import ResultError
 
 SMOKE_RECIPE = "smoke"
 #: Keys a smoke run takes from the smoke recipe, whatever the sweep's axes say: the tiny model in
@@ -108,6 +107,10 @@ class PlannedCell:
     """A Slurm dependency of its job (`afterok:<merge job>` while its pool is built)."""
     blocked_job: str | None = None
     """Its earlier job, pending forever on a failed dependency (cancelled when the cell is resubmitted)."""
+    waits_on_pool: bool = False
+    """It trains on the sweep's pool, not built yet."""
+    after: tuple = ()
+    """Jobs of the same submission it waits on (launch.ArrayNode.after; set by graph.plan_graph)."""
 
     @property
     def cell_id(self) -> str:
@@ -116,6 +119,10 @@ class PlannedCell:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.output.dir)
+
+    def description(self) -> dict:
+        """The cell as the manifest records it."""
+        return {"cell": cell_from_config(self.cfg), "run_dir": str(self.run_dir), "command": launch.train_command(self.run_dir)}
 
 
 def load_sweep_file(name_or_path: str) -> Sweep:
@@ -151,8 +158,8 @@ def parse_args(sweep: Sweep, argv=None) -> argparse.Namespace:
     run_.add_argument("--force", action="store_true", help="also resubmit complete cells (their folders move to <sweep>/.replaced/); queued ones never")
     checks = run_.add_mutually_exclusive_group()
     checks.add_argument("--preflight", action="store_true",
-                        help="submit one short preflight job per combination (model x quantization x rollout x GPUs) of the cells "
-                             "to submit, instead of the cells; submit the cells with the same command without it once the verdicts are in")
+                        help="first one short preflight job per combination (model x quantization x rollout x GPUs) of the cells "
+                             "to submit, each combination's cells after it: a failed preflight leaves its cells blocked")
     checks.add_argument("--no-preflight", action="store_true",
                         help="submit the cells of combinations whose preflight failed too (recorded in the manifest)")
     return _parse(parser, argv)
@@ -368,161 +375,10 @@ def changed_settings(cell: PlannedCell) -> list[str]:
     return conflicting_inputs(cell.run_dir, cell.cfg.to_dict())
 
 
-# --------------------------------------------------------------------------- preflight
-#: A preflight job's time limit (minutes) when its cells ask for more: it trains a few steps, not a cell.
-PREFLIGHT_TIME_MIN = 30
-
-
-def by_combination(cells: list[PlannedCell]) -> dict[str, list[PlannedCell]]:
-    """Valid cells by the preflight they need (verdict.combination), in plan order."""
-    groups: dict[str, list[PlannedCell]] = {}
-    for c in cells:
-        if c.cfg is not None:
-            groups.setdefault(verdict.combination(c.cfg), []).append(c)
-    return groups
-
-
-def read_verdicts(sweep_dir: Path, cells: list[PlannedCell]) -> dict[str, dict | str | None]:
-    """The preflight verdict of each combination of the cells: its document, None when none ran,
-    or why the file cannot be read."""
-    found: dict[str, dict | str | None] = {}
-    for combo in by_combination(cells):
-        path = preflight_file(sweep_dir, combo)
-        try:
-            found[combo] = verdict.read_verdict(path) if path.exists() else None
-        except ResultError as err:
-            found[combo] = str(err)
-    return found
-
-
-def refuse_failed_combinations(cells: list[PlannedCell], verdicts: dict) -> None:
-    """Refuse the cells to submit of a combination whose preflight failed (or whose verdict file is broken)."""
-    for combo, group in by_combination([c for c in cells if c.action == "submit"]).items():
-        doc = verdicts.get(combo)
-        if isinstance(doc, str):
-            problem = doc
-        elif doc and doc["verdict"] == "fail":
-            reasons = "; ".join(r["reason"] for r in doc["reasons"] if r["level"] == "fail")
-            problem = f"its combination {combo} failed preflight: {reasons}"
-        else:
-            continue
-        for c in group:
-            c.problems.append(f"{problem}. Fix that and run --preflight again, leave these cells out (--models, "
-                              "--quantizations), or submit them all the same with --no-preflight")
-
-
-def preflight_nodes(todo: list[PlannedCell], sweep_dir: Path, options: launch.LaunchOptions, name: str,
-                    record) -> tuple[list[launch.ArrayNode], dict, dict[str, str]]:
-    """The preflight jobs of the cells to submit: one per combination, running `python -m
-    nli_grpo.preflight` on its first cell's config with that cell's resources (at most
-    PREFLIGHT_TIME_MIN), after the pool's merge when its cells wait on it; one array per distinct
-    Slurm parameters. Returns the nodes, the config of each job (combination -> config) and the
-    combinations left out, with why."""
-    from dataclasses import replace
-
-    groups: dict[str, tuple[dict, dict]] = {}
-    configs, left_out = {}, {}
-    for combo, cells in by_combination(todo).items():
-        cfg = cells[0].cfg
-        if reason := verdict.refusal(cfg):
-            left_out[combo] = reason
-            continue
-        out = preflight_file(sweep_dir, combo)
-        resources = replace(cfg.resources, timeout_min=min(cfg.resources.timeout_min, PREFLIGHT_TIME_MIN))
-        dependency = next((c.dependency for c in cells if c.dependency), None)
-        params = launch.executor_parameters(resources, options, f"nli_grpo_preflight_{name}", dependency)
-        command = [sys.executable, "-u", "-m", "nli_grpo.preflight", "--config", str(out.with_suffix(".yaml")),
-                   "--out", str(out), "--signal-delay-s", str(options.signal_delay_s)]
-        # gpus=1: one process (no torchrun), which sees all of the job's GPUs
-        job = launch.CellJob(command, str(out.parent), options.stop_timeout_s, resources.cpus_per_task, 1, options.retries,
-                             options.online, exclusive=False)
-        configs[combo] = cfg
-        groups.setdefault(json.dumps(params, sort_keys=True), (params, {}))[1][combo] = job
-    nodes = [launch.ArrayNode(f"preflight {i}", params, jobs, sweep_dir / LOGS_DIRNAME, record)
-             for i, (params, jobs) in enumerate(groups.values(), 1)]
-    return nodes, configs, left_out
-
-
-def submit_preflights(sweep: Sweep, args: argparse.Namespace, todo: list[PlannedCell], pool_plan, options: launch.LaunchOptions,
-                      book: manifest.Book | None, console) -> int:
-    """--preflight: show the graph, then submit the preflight jobs of the cells to submit (not the
-    cells: they go in a later run without --preflight, which reads the verdicts), recorded in the
-    manifest as `preflight/<combination>`."""
-    name = sweep.name + ("-smoke" if args.smoke else "")
-    sweep_dir = Path(args.results).absolute() / name
-    record = manifest.submission_record(args.cluster, sweep_dir / LOGS_DIRNAME, {}, args.retries)
-    record["kind"] = "preflight"
-
-    def keep(queued: dict) -> None:  # each array, as soon as its sbatch returned
-        record["jobs"].update({f"preflight/{combo}": str(job.job_id) for combo, job in queued.items()})
-        book.record({}, record)
-
-    nodes, configs, left_out = preflight_nodes(todo, sweep_dir, options, name, keep)
-    console.print(describe_graph(pool_plan, todo, {}, sweep, args, nodes), soft_wrap=True, markup=False)
-    for combo, reason in left_out.items():
-        console.print(f"[yellow]not preflighted[/] {combo}: {reason}", soft_wrap=True)
-    if args.dry_run:
-        if args.cluster == "slurm":
-            for node in nodes:
-                console.rule(f"{node.name}: {', '.join(node.jobs)}")
-                console.print(launch.sbatch_script(node.log_folder, node.parameters, len(node.jobs)), markup=False,
-                              highlight=False, soft_wrap=True)
-        console.print(f"dry run: {sum(len(n.jobs) for n in nodes)} preflight job(s) would be submitted; nothing was.")
-        return 0
-    if not nodes:
-        console.print("nothing to preflight: no cell to submit has a combination to check.")
-        return 0
-    for combo, cfg in configs.items():
-        launch.write_config_snapshot(cfg, sweep_dir, preflight_file(sweep_dir, combo).with_suffix(".yaml"))
-    try:
-        queued = launch.submit_graph(nodes, args.cluster)
-    except launch.SubmissionError as err:
-        console.print(f"[red]error:[/] {err}. Run the same command again to submit the rest.", soft_wrap=True)
-        return 1
-    jobs = {combo: job for by_part in queued.values() for combo, job in by_part.items()}
-    console.print(f"submitted {len(jobs)} preflight job(s) ({args.cluster}: {', '.join(str(j.job_id) for j in jobs.values())}); "
-                  f"verdicts go to {sweep_dir / PREFLIGHT_DIRNAME}/. When they are in (python -m nli_grpo.status {sweep_dir}), "
-                  "submit the cells with the same command without --preflight: it refuses those of a failed combination.",
-                  soft_wrap=True)
-    if args.cluster != "slurm":
-        _wait_here(jobs, console)
-        status.print_verdicts(sweep_dir, console)
-    return 0
-
-
-def describe_graph(pool_plan, todo: list[PlannedCell], verdicts: dict, sweep: Sweep, args: argparse.Namespace,
-                   preflights: list[launch.ArrayNode] | None = None) -> str:
-    """The sweep's jobs as a graph, in submission order: the pool's shards and merge (when missing),
-    the preflight jobs (--preflight) or the verdicts the cells are checked against, the cells."""
-    lines, merge = ["job graph:"], None
-    if pool_plan is not None and not pool_plan.complete:
-        shards = [p for p in pool_plan.to_submit if p != "merge"]
-        if shards:
-            lines.append(f"  pool shards: {len(shards)} job(s) ({', '.join(shards)})")
-        merge = f"pool merge (job {pool_plan.merge_job})" if pool_plan.merge_job else "pool merge"
-        lines.append(f"  {merge}: 1 job" + (", after the pool shards" if shards else "")
-                     + ("" if "merge" in pool_plan.to_submit or pool_plan.submitted else ", queued already"))
-    waits = {c.cell_id for c in todo if c.dependency}
-    if preflights is not None:
-        combos = [combo for node in preflights for combo in node.jobs]
-        after = f", after the {merge}" if merge and any(n.parameters["slurm_additional_parameters"].get("dependency") for n in preflights) else ""
-        lines.append(f"  preflight: {len(combos)} job(s) ({', '.join(combos) or 'none'}){after}")
-        command = shlex.join(["python", f"sweeps/{sweep.name}.py", *[a for a in args.argv if a not in ("--preflight", "--dry-run")]])
-        lines.append(f"  cells: {len(todo)} job(s), in a later run once the verdicts are in: {command}")
-        return "\n".join(lines)
-    for combo, doc in verdicts.items():
-        shown = ("none ran (--preflight runs it)" if doc is None else "unreadable" if isinstance(doc, str)
-                 else doc["verdict"] + (" (its cells are refused)" if doc["verdict"] == "fail" and not args.no_preflight else ""))
-        lines.append(f"  preflight {combo}: {shown}")
-    after = f", {len(waits)} of them after the {merge}" if merge and waits else ""
-    lines.append(f"  cells: {len(todo)} job(s){after}")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- output
-def print_plan(name: str, cells: list[PlannedCell], console, verdicts: dict | None = None) -> None:
+def print_plan(name: str, cells: list[PlannedCell], console, checks: dict | None = None) -> None:
     """The plan as a table; a cell's GPU memory is its preflight's measured peak where one ran on a
-    GPU (`verdicts`: read_verdicts'), else the validator's estimate."""
+    GPU with these settings (`checks`: graph.read_checks'), else the validator's estimate."""
     from rich.table import Table
 
     table = Table(title=f"sweep {name}: {len(cells)} cells")
@@ -537,8 +393,8 @@ def print_plan(name: str, cells: list[PlannedCell], console, verdicts: dict | No
         fit = f"{estimate['total']}/{r.gpu_memory_gb} GB" if estimate else "— (CPU)"
         if estimate and "vllm_kv_cache" in estimate:  # of the colocated engine's share
             fit += f" (vLLM KV cache {estimate['vllm_kv_cache']} GB)"
-        measured = (verdicts or {}).get(verdict.combination(c.cfg))
-        if isinstance(measured, dict) and measured.get("memory", {}).get("limit_field") == "resources.gpu_memory_gb":
+        measured = getattr((checks or {}).get(verdict.combination(c.cfg)), "doc", None)
+        if measured and measured.get("memory", {}).get("limit_field") == "resources.gpu_memory_gb":
             fit = f"{measured['memory']['peak_gb']:.1f} measured/{r.gpu_memory_gb} GB (preflight)"
         gpus = str(r.gpus_per_node)
         if served := server_gpus(c.cfg):  # the split of the job's GPUs, and the server's own fit
@@ -579,13 +435,14 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
     options = launch.LaunchOptions(cluster=args.cluster, partition=args.partition, account=args.account, qos=args.qos,
                                    constraint=args.constraint, array_parallelism=args.array_parallelism,
                                    retries=args.retries, online=args.online)
-    array_limit, room, room_limit = 1001, None, ""
-    verdicts: dict = {}
+    target = graph.Target(sweep_dir, name, options)
+    room, room_limit, book = None, "", None
+    checks: dict = {}
     try:
         if args.cluster == "slurm":
             facts = slurm.partition_facts(args.partition)
             options.partition, options.grace_time_s = facts["name"], facts["grace_time_s"]
-            array_limit = slurm.max_array_size()
+            target.max_array_size = slurm.max_array_size()
             room, room_limit = slurm.submit_room(options.qos, options.account)
             for c in cells:
                 if c.cfg is not None:
@@ -597,12 +454,12 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
             book = None if args.dry_run else held.enter_context(manifest.held(sweep_dir))
             decide(cells, sweep_dir, args.force, queue=slurm.queued_jobs if args.cluster == "slurm" else None,
                    force_command=shlex.join(["python", f"sweeps/{sweep.name}.py", *args.argv, "--force"]))
-            verdicts = read_verdicts(sweep_dir, [c for c in cells if c.action == "submit"])
+            checks = graph.read_checks(sweep_dir, [c for c in cells if c.action == "submit"])
             if not (args.preflight or args.no_preflight):
-                refuse_failed_combinations(cells, verdicts)
+                graph.refuse_failed(cells, checks)
     except slurm.SlurmError as err:
         refusals.append(str(err))
-    print_plan(name, cells, console, verdicts)
+    print_plan(name, cells, console, checks)
     invalid = [c for c in cells if c.problems]
     if refusals or invalid:
         for c in invalid:
@@ -614,7 +471,6 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
                       + ". Fix them (or leave those cells out with --ranks/--quantizations/--models) and run again.")
         return 2
     todo = [c for c in cells if c.action == "submit"]
-    pool_jobs, pool_plan = 0, None
     waiting = cells_waiting_for_pool(sweep, args, cells)
     if waiting and (problems := pool_input_problems(sweep_pool(sweep, args), args.online)):
         for problem in problems:
@@ -624,77 +480,113 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
                       sweep.name, *[a for a in args.argv if a not in ("--dry-run", "--force", "--online")]])
                       + "` (the pool's base model and the ANLI training rounds among them), then submit again.")
         return 2
-    if waiting:
-        try:
-            pool_plan = ensure_pool(sweep_pool(sweep, args), args.results, options,
-                                    slurm.queued_jobs if args.cluster == "slurm" else None, dry_run=args.dry_run)
-        except (slurm.SlurmError, launch.SubmissionError) as err:
-            console.print(f"[red]error:[/] the pool could not be submitted: {err}. Nothing else was submitted.")
-            return 1
-        console.print(describe_plan(pool_plan), soft_wrap=True)
-        pool_jobs = len(pool_plan.to_submit)
-        for c in waiting:
-            c.dependency = f"afterok:{pool_plan.merge_job or '<the pool merge job>'}" if pool_plan.merge_job or args.dry_run else None
-    if args.preflight:
-        return submit_preflights(sweep, args, todo, pool_plan, options, book, console)
-    todo, cut = within_submit_limit(todo, room, room_limit, pool_jobs)
-    if cut:
-        console.print(f"[yellow]submit limit:[/] {cut}", soft_wrap=True)
-    console.print(describe_graph(pool_plan, todo, verdicts, sweep, args), soft_wrap=True, markup=False)
+    try:
+        pool_plan, pool_book = _plan_pool(sweep, args, waiting, held)
+        queued = graph.queued_preflights(sweep_dir, todo, slurm.queued_jobs) if args.preflight and args.cluster == "slurm" else {}
+    except slurm.SlurmError as err:
+        console.print(f"[red]error:[/] {err}. Nothing was submitted.", soft_wrap=True)
+        return 1
+    jobs_graph = graph.plan_graph(todo, target, checks, pool=sweep_pool(sweep, args) if waiting else None, pool_plan=pool_plan,
+                                  preflight=args.preflight, queued_preflights=queued, book=book, pool_book=pool_book,
+                                  room=lambda others: within_submit_limit(todo, room, room_limit, others),
+                                  described_cells=[c for c in cells if c.cfg is not None])
+    if jobs_graph.record is not None:
+        jobs_graph.record["preflight"] = ("skipped (--no-preflight)" if args.no_preflight else "run first (--preflight)" if args.preflight
+                                          else {combo: check.state for combo, check in checks.items()})
+    console.print(graph.describe(jobs_graph, None if args.preflight else {k: v for k, v in checks.items()
+                                 if k in graph.by_combination(jobs_graph.cells)}), soft_wrap=True, markup=False)
+    preflights, todo = jobs_graph.jobs("preflight"), jobs_graph.cells
     if args.dry_run:
+        if pool_plan is not None:
+            console.print(describe_plan(pool_plan), soft_wrap=True)
         if args.cluster == "slurm":
-            _print_sbatch(todo, options, sweep_dir, name, array_limit, console)
-        console.print(f"dry run: {len(todo)} of {len(cells)} cells would be submitted; nothing was.")
+            for title, script in graph.sbatch_scripts(jobs_graph):
+                console.rule(title)
+                console.print(script, markup=False, highlight=False, soft_wrap=True)
+        console.print(f"dry run: {len(todo)} of {len(cells)} cells would be submitted"
+                      + (f", after {preflights} preflight job(s)" if preflights else "") + "; nothing was.")
         return 0
-    if not todo:
-        everything = "" if cut else f": every cell of {name} is complete or queued"
+    if not jobs_graph.nodes:
+        everything = "" if jobs_graph.notes else f": every cell of {name} is complete or queued"
         console.print(f"nothing to submit{everything}. Status: python -m nli_grpo.status {sweep_dir}")
         return 0
     if args.force:
         for c in todo:
             _move_aside(c)
     replaced = [job for c in todo if (job := c.blocked_job)]
-    if replaced:  # pending forever on a failed dependency: replaced by the new submissions
+    if replaced:  # pending forever on a failed dependency (its pool, its preflight): replaced by the new submissions
         slurm.cancel(replaced)
-    folder = sweep_dir / LOGS_DIRNAME
-    described = {c.cell_id: {"cell": cell_from_config(c.cfg), "run_dir": str(c.run_dir), "command": launch.train_command(c.run_dir)}
-                 for c in cells if c.cfg is not None}
-    record = manifest.submission_record(args.cluster, folder, {}, args.retries)
-    record["preflight"] = "skipped (--no-preflight)" if args.no_preflight else {
-        combo: (doc or {}).get("verdict") if isinstance(doc, dict) or doc is None else "unreadable"
-        for combo, doc in verdicts.items()}
-
-    def keep(queued: dict) -> None:  # each array, as soon as its sbatch returned
-        record["jobs"].update(manifest.job_ids(queued))
-        book.record(described, record)
     try:
-        jobs, errors = launch.submit_cells(todo, options, folder, f"nli_grpo_{name}", array_limit, keep)
+        queued = graph.submit(jobs_graph)
     except KeyboardInterrupt:
-        console.print(f"[red]interrupted[/]: {len(record['jobs'])} of {len(todo)} cells were submitted, and are recorded in "
-                      f"{sweep_dir / MANIFEST_FILENAME}; run the same command again to submit the rest.")
+        console.print(f"[red]interrupted[/]: what was queued is recorded in {sweep_dir / MANIFEST_FILENAME}; run the same "
+                      "command again to submit the rest.")
         return 130
-    held.close()  # the manifest is written: release its lock (a local run now waits for its jobs)
-    arrays = sorted({str(j.job_id).split("_")[0] for j in jobs.values()})
-    console.print(f"submitted {len(jobs)} of {len(todo)} cells ({args.cluster}: {', '.join(arrays)}); "
-                  f"manifest {sweep_dir / MANIFEST_FILENAME}; logs {folder}")
-    unchecked = sorted({verdict.combination(c.cfg) for c in todo} & {combo for combo, doc in verdicts.items() if doc is None})
-    if unchecked and not args.no_preflight:
+    except launch.SubmissionError as err:
+        queued, error = {}, err
+    else:
+        error = None
+    held.close()  # the manifests are written: release their locks (a local run now waits for its jobs)
+    return _report(jobs_graph, queued, error, pool_plan, checks, args, sweep_dir, console)
+
+
+def _plan_pool(sweep: Sweep, args: argparse.Namespace, waiting: list[PlannedCell], held: contextlib.ExitStack):
+    """The pool the `waiting` cells train on: what is missing of it (pool.plan_pool), its manifest
+    locked (unless a dry run) until the graph is submitted; the cells wait on its queued merge."""
+    if not waiting:
+        return None, None
+    pool = sweep_pool(sweep, args)
+    folder = pool.folder(args.results)
+    pool_book = None if args.dry_run else held.enter_context(manifest.held(folder.path))
+    queued = slurm.queued_jobs(manifest.recorded_jobs(folder.path)) if args.cluster == "slurm" else None
+    pool_plan = plan_pool(pool, args.results, queued)
+    for c in waiting:
+        c.waits_on_pool = True
+        if pool_plan.merge_job:
+            c.dependency = f"afterok:{pool_plan.merge_job}"
+    return pool_plan, pool_book
+
+
+def _report(jobs_graph: graph.Graph, queued: dict, error, pool_plan, checks: dict, args: argparse.Namespace, sweep_dir: Path,
+            console) -> int:
+    """What the submission queued (and, on this machine, what its jobs did)."""
+    by_kind: dict[str, dict] = {}
+    for node in jobs_graph.nodes:
+        by_kind.setdefault(node.kind, {}).update(queued.get(node.name, {}))
+    if pool_plan is not None and pool_plan.submitted:
+        console.print(describe_plan(pool_plan), soft_wrap=True)
+    if preflights := by_kind.get("preflight"):
+        console.print(f"submitted {len(preflights)} preflight job(s) ({args.cluster}: {', '.join(str(j.job_id) for j in preflights.values())}); "
+                      f"verdicts go to {sweep_dir / PREFLIGHT_DIRNAME}/; the cells of a combination that fails stay blocked "
+                      "(status says why)", soft_wrap=True)
+    cells, todo = by_kind.get("cells", {}), jobs_graph.cells
+    if todo:
+        arrays = sorted({str(j.job_id).split("_")[0] for j in cells.values()})
+        console.print(f"submitted {len(cells)} of {len(todo)} cells ({args.cluster}: {', '.join(arrays) or 'none'}); "
+                      f"manifest {sweep_dir / MANIFEST_FILENAME}; logs {sweep_dir / LOGS_DIRNAME}")
+    if len(cells) < len(todo) and not error:  # on this machine, after a preflight that failed
+        console.print(f"[red]{len(todo) - len(cells)} cell(s) not run[/]: a job they come after failed (below)", soft_wrap=True)
+    unchecked = sorted({verdict.combination(c.cfg) for c in todo} & {k for k, c in checks.items() if c.state == "none"})
+    if unchecked and not (args.no_preflight or args.preflight):
         console.print(f"[yellow]no preflight ran[/] for {', '.join(unchecked)}: those cells were submitted unchecked "
-                      "(`--preflight` checks a combination first, in minutes)", soft_wrap=True)
-    for error in errors:
-        console.print(f"[red]error:[/] {error}. Run the same command again to submit the rest.")
+                      "(`--preflight` checks a combination first, in minutes, and the cells after it)", soft_wrap=True)
+    for note in jobs_graph.notes:
+        console.print(f"[yellow]{note}[/]", soft_wrap=True)
+    if error:
+        console.print(f"[red]error:[/] {error}. Run the same command again to submit the rest.", soft_wrap=True)
     if args.cluster != "slurm":
-        _wait_here(jobs, console)
-        status.print_status(name, status.sweep_status(sweep_dir, queue=None, accounting=None), console)
+        _wait_here(cells, console)
+        status.print_status(sweep_dir.name, status.sweep_status(sweep_dir, queue=None, accounting=None), console)
+        status.print_verdicts(sweep_dir, console)
     else:
         console.print(f"watch it: python -m nli_grpo.status {sweep_dir} --watch")
-    return 1 if errors else 0
+    return 1 if error else 0
 
 
 def within_submit_limit(todo: list, room: int | None, limit: str, pool_jobs: int = 0) -> tuple[list, str | None]:
     """The cells to submit that fit the room a submit limit leaves (slurm.submit_room: `room`
-    jobs, set by `limit`) after the `pool_jobs` the same run queues for their pool, and what to
-    tell the user when some do not: sbatch rejects an array over the limit whole."""
+    jobs, set by `limit`) after the `pool_jobs` the same run queues before them (their pool, the
+    preflights), and what to tell the user when some do not: sbatch rejects an array over the limit whole."""
     if room is None or len(todo) <= room - pool_jobs:
         return todo, None
     fit = max(0, room - pool_jobs)
@@ -724,15 +616,6 @@ def _move_aside(cell: PlannedCell) -> None:
     complete = (results.load_existing(folder.result) or {}).get("status") == "complete"
     if complete or changed_settings(cell):
         folder.move_aside()
-
-
-def _print_sbatch(todo: list[PlannedCell], options, sweep_dir: Path, name: str, array_limit: int, console) -> None:
-    """The sbatch script of every job array the submission would make (launch.array_groups)."""
-    groups = launch.array_groups(todo, options, f"nli_grpo_{name}", array_limit)
-    for i, (params, chunk) in enumerate(groups, 1):
-        console.rule(f"job array {i} of {len(groups)}: {len(chunk)} cell(s)")
-        console.print(launch.sbatch_script(sweep_dir / LOGS_DIRNAME, params, len(chunk)), markup=False, highlight=False,
-                      soft_wrap=True)
 
 
 def _wait_here(jobs: dict, console) -> None:
@@ -798,7 +681,7 @@ def run_pool(sweep: PoolSweep, args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .config import ResourcesConfig
-    from .pool import MERGE_ID, MERGE_RESOURCES, input_problems, merge_command, part_states, sampling_config
+    from .pool import input_problems, part_states, pool_nodes, sampling_config
 
     console = status.make_console()
     pool = pool_of(sweep, args)
@@ -845,16 +728,9 @@ def run_pool(sweep: PoolSweep, args: argparse.Namespace) -> int:
         return 1
     console.print(describe_plan(plan), soft_wrap=True)
     if args.dry_run and args.cluster == "slurm" and plan.to_submit:
-        logs = folder.path / LOGS_DIRNAME
-        shards = [p for p in plan.to_submit if p != MERGE_ID]
-        if shards:
-            params = launch.executor_parameters(ResourcesConfig(**pool.resources), options, f"nli_grpo_bootstrap_{pool.pool_id[:40]}")
-            console.rule(f"job array: {len(shards)} shard(s)")
-            console.print(launch.sbatch_script(logs, params, len(shards)), markup=False, highlight=False, soft_wrap=True)
-        params = launch.executor_parameters(MERGE_RESOURCES, options, "nli_grpo_bootstrap_merge",
-                                            dependency="afterok:<the shard jobs>" if shards else None)
-        console.rule(f"the merge: {shlex.join(merge_command(folder))}")
-        console.print(launch.sbatch_script(logs, params, 1), markup=False, highlight=False, soft_wrap=True)
+        for title, script in graph.sbatch_scripts(graph.Graph(nodes=pool_nodes(pool, plan, options, None))):
+            console.rule(title)
+            console.print(script, markup=False, highlight=False, soft_wrap=True)
         console.print("dry run: nothing was submitted.")
     elif not args.dry_run:
         console.print(f"watch it: python -m nli_grpo.status {folder.path} --watch")

@@ -40,10 +40,7 @@ def refusal(cfg: ExperimentConfig) -> str | None:
     """Why this config cannot be preflighted here (checked before anything is loaded)."""
     if cfg.stage != "grpo":
         return f"stage={cfg.stage}: a preflight measures training; zero-shot cells only evaluate"
-    if cfg.rollout.backend == "vllm_server":
-        return ("rollout.backend=vllm_server is not preflighted yet (the server is started by the cell's job); "
-                "preflight the same model with rollout.backend=vllm to check loading, agreement and memory")
-    return None
+    return None  # rollout.backend=vllm_server too: the preflight starts the server as the cell's job does
 
 
 def finding(level: str, check: str, reason: str) -> dict:
@@ -147,6 +144,36 @@ def fit_findings(fit: dict, t: PreflightConfig) -> list[dict]:
                            f"of training (> preflight.max_checkpoint_interval_min={t.max_checkpoint_interval_min}): a node failure "
                            "without USR2 loses that much; lower grpo.save_steps"))
     return out
+
+
+def death_findings(death: dict, limit_gb: float) -> list[dict]:
+    """Why a preflight's measuring process ended without a verdict (nli_grpo.preflight watches it
+    from a parent process): `death` says how (`signal`, `exitcode`, `killed_by`), while doing what
+    (`phase`), its `peak_rss_gb` as sampled and, for an exception, its `error` (the traceback's last
+    lines). A SIGKILL is the memory's doing (the OOM killer, Slurm's limit, or the preflight
+    enforcing `limit_gb`, resources.mem_gb); any other death is the run's."""
+    phase, peak = death.get("phase") or "starting", death.get("peak_rss_gb")
+    seen = f"; its processes held {peak:.2f} GB resident at most (sampled)" if peak is not None else ""
+    todo = ("raise resources.mem_gb, use a quantized base (model.quantization) or fewer grpo.completions_per_step "
+            "(more grpo.gradient_accumulation_steps)")
+    error = (death.get("error") or "").strip()
+    if death.get("killed_by") == "preflight":
+        return [finding("fail", "memory", f"the preflight's processes held {peak:.2f} GB resident while {phase}, over the "
+                        f"{limit_gb} GB a cell asks for (resources.mem_gb): the preflight killed them (SIGKILL) as Slurm's "
+                        f"memory limit would kill the cell's job; {todo}")]
+    if death.get("signal") == "SIGKILL":
+        return [finding("fail", "memory", f"the preflight process was killed (SIGKILL, most likely the out-of-memory killer) "
+                        f"while {phase}{seen}, with {limit_gb} GB asked for (resources.mem_gb); {todo}; see dmesg or "
+                        "`sacct -j <job> -o JobID,State,MaxRSS`")]
+    if death.get("signal"):
+        return [finding("fail", "run", f"the preflight process died of {death['signal']} while {phase}{seen} (a crash in "
+                        "native code or a node fault?); see the job's log, then run the preflight again")]
+    last = error.splitlines()[-1].rstrip(".") if error else "no error was reported; see the job's log"
+    if "OutOfMemoryError" in error:  # torch's CUDA out of memory: the GPU's, not the host's
+        return [finding("fail", "memory", f"out of GPU memory while {phase}: {last}; use a quantized base "
+                        "(model.quantization), fewer grpo.completions_per_step or a smaller rollout.gpu_memory_utilization")]
+    return [finding("fail", "run", f"the preflight failed while {phase} (exit status {death.get('exitcode')}): {last}; "
+                    "fix that and run the preflight again")]
 
 
 def read_verdict(path: str | os.PathLike) -> dict:

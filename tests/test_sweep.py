@@ -7,7 +7,7 @@ import pytest
 from nli_grpo import launch, manifest
 from nli_grpo.job import RunRecord
 from nli_grpo.layout import RESULT_FILENAME
-from nli_grpo.sweep import _move_aside, _print_sbatch, decide, parse_args, plan, results_dir_problem
+from nli_grpo.sweep import _move_aside, decide, parse_args, plan, results_dir_problem
 
 
 class Job:
@@ -196,9 +196,10 @@ def test_a_local_cell_that_says_running_is_not_started_twice(tmp_path, smoke_cel
 
 
 def test_the_dry_run_shows_exactly_the_arrays_the_submission_makes(tmp_path, cells_of):
-    """One function (launch.array_groups) groups cells into job arrays for both: cells asking for
-    the same resources share an array, chunked to MaxArraySize."""
-    from rich.console import Console
+    """One graph (graph.plan_graph, its cells grouped by launch.array_groups) for both: the dry run
+    prints its nodes' sbatch scripts, the submission submits its nodes; cells asking for the same
+    resources share an array, chunked to MaxArraySize."""
+    from nli_grpo import graph
 
     cells = cells_of("model_size", "--dry-run", tmp_path=tmp_path)
     options = launch.LaunchOptions(partition="gpu")
@@ -207,11 +208,12 @@ def test_the_dry_run_shows_exactly_the_arrays_the_submission_makes(tmp_path, cel
     assert sum(len(chunk) for _, chunk in groups) == len(cells)
     assert all(len(chunk) <= 2 for _, chunk in groups)
     assert all(len({c.cfg.resources.mem_gb for c in chunk}) == 1 for _, chunk in groups)
-    console = Console(record=True, width=200)
-    _print_sbatch(cells, options, tmp_path, "model_size", 2, console)
-    shown = console.export_text()
+    jobs = graph.plan_graph(cells, graph.Target(tmp_path, "model_size", options, max_array_size=2), {})
+    assert [sorted(n.jobs) for n in jobs.nodes] == [sorted(c.cell_id for c in chunk) for _, chunk in groups]
+    shown = "\n".join(f"{title}\n{script}" for title, script in graph.sbatch_scripts(jobs))
     assert shown.count("#SBATCH --array=") == len([g for g in groups if len(g[1]) > 1])
-    assert f"job array {len(groups)} of {len(groups)}" in shown
+    assert f"cells {len(groups)}: " in shown and "#SBATCH --dependency" not in shown
+    assert graph.describe(jobs) == f"job graph:\n  cells: {len(cells)} job(s)"
 
 
 def test_a_cell_whose_inputs_are_not_prepared_is_refused(tmp_path, monkeypatch, original_files):

@@ -454,7 +454,7 @@ def test_an_sbatch_failing_after_the_first_array_leaves_it_recorded_and_the_reru
     with cancelled_after(root):
         first = sweep_command(*POOL_CELLS, "--results", str(root), env=with_path(job_env, failing))
         assert first.returncode == 1, first.stdout + first.stderr
-        assert "Traceback" not in first.stderr and "the pool could not be submitted" in first.stdout
+        assert "Traceback" not in first.stderr and "the sbatch of pool merge (1 job(s)) failed" in first.stdout, first.stdout
         pool = pool_folder(root)
         [shards] = manifest.read_manifest(pool)["submissions"]
         assert sorted(shards["jobs"]) == ["shard-00-of-02", "shard-01-of-02"]
@@ -463,8 +463,9 @@ def test_an_sbatch_failing_after_the_first_array_leaves_it_recorded_and_the_reru
         assert again.returncode == 0, again.stdout + again.stderr
         first_submission, second = manifest.read_manifest(pool)["submissions"]
         assert first_submission == shards and sorted(second["jobs"]) == ["merge"]
-        cells = manifest.read_manifest(root / "lora_rank-smoke")["submissions"]
-        assert len(cells) == 1 and len(cells[0]["jobs"]) == 2
+        first_graph, cells = manifest.read_manifest(root / "lora_rank-smoke")["submissions"]
+        assert [n["node"] for n in first_graph["graph"]] == ["pool shards"] and not first_graph["jobs"]
+        assert [n["node"] for n in cells["graph"]] == ["pool merge", "cells"] and len(cells["jobs"]) == 2
 
 
 def test_a_second_job_on_a_locked_cell_exits_at_once_and_touches_nothing(tmp_path):
@@ -592,47 +593,64 @@ SMOKE_SLURM = ["--smoke", "--cluster", "slurm", "--partition", "gpu"]
 SMOKE_COMBINATION = "tiny-sft__bf16__hf__g0"
 
 
-def test_the_sweep_preflights_its_combination_and_refuses_the_cells_of_a_failed_one(tmp_path, job_env):
+def test_the_sweep_preflights_each_combination_before_its_cells(tmp_path, job_env):
+    """--preflight is one graph: the preflight, then the cells after it. A failing combination
+    (100000 steps cannot fit in --time 10) leaves its cells blocked with the verdict's reason, and
+    a run without --preflight refuses them; passing settings replace them, and the cells start
+    only after their preflight passed."""
     from nli_grpo.layout import preflight_file
     from nli_grpo.verdict import read_verdict
 
     sweep_dir = tmp_path / "lora_rank-smoke"
     verdict_file = preflight_file(sweep_dir, SMOKE_COMBINATION)
-
-    def preflight(*argv) -> dict:
-        before = verdict_file.stat().st_mtime_ns if verdict_file.exists() else None
-        done = sweep_command(*SMOKE_SLURM, "--results", str(tmp_path), "--preflight", *PREFLIGHT_SMALL, *argv, env=job_env)
-        assert done.returncode == 0 and "submitted 1 preflight job(s)" in done.stdout, done.stdout + done.stderr
-        wait_for("the verdict", lambda: verdict_file.exists() and verdict_file.stat().st_mtime_ns != before, 180,
-                 logs=sweep_dir / "logs")
-        return read_verdict(verdict_file)
-
-    def shown() -> str:
-        return subprocess.run([sys.executable, "-m", "nli_grpo.status", str(sweep_dir)], capture_output=True, text=True,
-                              env=job_env).stdout
-
-    doc = preflight()
-    assert (doc["verdict"], doc["combination"]) == ("pass", SMOKE_COMBINATION), doc["reasons"]
-    [submission] = manifest.read_manifest(sweep_dir)["submissions"]
-    assert submission["kind"] == "preflight" and list(submission["jobs"]) == [f"preflight/{SMOKE_COMBINATION}"]
-    assert not manifest.read_manifest(sweep_dir)["cells"]  # the cells wait for a run without --preflight
-    assert re.search(rf"{SMOKE_COMBINATION}\s*│\s*pass", shown())
-
-    # 100000 steps cannot fit in --time 10: the measured rate fails the combination, and its cells are refused
     too_long = ["grpo.max_steps=100000", "--time", "10"]
-    doc = preflight(*too_long)
-    assert doc["verdict"] == "fail" and "ask for --time" in " ".join(r["reason"] for r in doc["reasons"]), doc["reasons"]
-    assert re.search(rf"{SMOKE_COMBINATION}\s*│\s*fail", shown())
-    refused = sweep_command(*SMOKE_SLURM, "--results", str(tmp_path), *PREFLIGHT_SMALL, *too_long, env=job_env)
+
+    def sweep(*argv):
+        return sweep_command(*SMOKE_SLURM, "--results", str(tmp_path), *PREFLIGHT_SMALL, *argv, env=job_env)
+
+    def submitted(done) -> dict:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "submitted 1 preflight job(s)" in done.stdout and "submitted 2 of 2 cells" in done.stdout, done.stdout
+        return manifest.read_manifest(sweep_dir)["submissions"][-1]
+
+    first = submitted(sweep("--preflight", *too_long))
+    nodes = {n["kind"]: n for n in first["graph"]}
+    assert list(nodes) == ["preflight", "cells"] and nodes["cells"]["after"] == [f"preflight/{SMOKE_COMBINATION}"]
+    assert nodes["preflight"]["jobs"] == {SMOKE_COMBINATION: first["jobs"][f"preflight/{SMOKE_COMBINATION}"]}
+
+    def blocked():
+        lines = status.sweep_status(sweep_dir, queue=slurm.queued_jobs)
+        return len(lines) == 2 and all(s.state == "blocked" for s in lines) and lines
+    lines = wait_for("the cells blocked by the failed preflight", blocked, 240, logs=sweep_dir / "logs")
+    assert all("its combination's preflight failed" in s.detail and "ask for --time" in s.detail for s in lines), lines
+    assert read_verdict(verdict_file)["verdict"] == "fail"
+    shown = subprocess.run([sys.executable, "-m", "nli_grpo.status", str(sweep_dir)], capture_output=True, text=True, env=job_env).stdout
+    assert re.search(rf"{SMOKE_COMBINATION}\s*│\s*fail", shown) and "job graph of the last submission" in shown, shown
+    assert re.search(r"cells\s*│.*│\s*preflight/\S+\s*│\s*2 blocked", shown), shown
+
+    refused = sweep(*too_long)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert refused.stdout.count(f"its combination {SMOKE_COMBINATION} failed preflight") == 2 and "Nothing submitted" in refused.stdout
-    assert not manifest.read_manifest(sweep_dir)["cells"]
-
-    forced = sweep_command(*SMOKE_SLURM, "--results", str(tmp_path), *PREFLIGHT_SMALL, *too_long, "--no-preflight", env=job_env)
-    cells = manifest.read_manifest(sweep_dir)["submissions"][-1]
-    subprocess.run(["scancel", *cells["jobs"].values()], check=True)  # 100000 steps: not to be run
+    forced = sweep(*too_long, "--no-preflight")
+    unchecked = manifest.read_manifest(sweep_dir)["submissions"][-1]
+    subprocess.run(["scancel", *unchecked["jobs"].values()], check=True)  # 100000 steps: not to be run
     assert forced.returncode == 0 and "submitted 2 of 2 cells" in forced.stdout, forced.stdout + forced.stderr
-    assert cells["preflight"] == "skipped (--no-preflight)" and len(cells["jobs"]) == 2
+    assert unchecked["preflight"] == "skipped (--no-preflight)" and [n["kind"] for n in unchecked["graph"]] == ["cells"]
+    assert not queued(list(nodes["cells"]["jobs"].values()))  # the blocked jobs were replaced
+
+    second = submitted(sweep("--preflight"))  # its verdict was measured with other settings: it runs again
+    preflight_job = second["jobs"][f"preflight/{SMOKE_COMBINATION}"]
+    cell_jobs = [job for part, job in second["jobs"].items() if not part.startswith("preflight/")]
+
+    def started():
+        lines = status.sweep_status(sweep_dir, queue=slurm.queued_jobs)
+        return all(s.state in ("running", "complete") for s in lines) and lines
+    wait_for("the cells, after their preflight passed", started, 240, logs=sweep_dir / "logs")
+    subprocess.run(["scancel", *cell_jobs], check=True)
+    assert read_verdict(verdict_file)["verdict"] == "pass"
+    times = wait_for("sacct's record of them", lambda: (t := sacct_times([preflight_job, *cell_jobs])).keys() >= {preflight_job, *cell_jobs}
+                     and t, 60)  # slurmdbd records a moment later
+    assert all(times[preflight_job][1] <= times[job][0] for job in cell_jobs), times
 
 
 def test_the_dry_run_shows_the_job_graph_pool_then_preflight_then_cells(tmp_path, job_env):
@@ -642,12 +660,13 @@ def test_the_dry_run_shows_the_job_graph_pool_then_preflight_then_cells(tmp_path
     graph = done.stdout[done.stdout.index("job graph:"):]
     assert re.search(r"pool shards: 2 job\(s\).*\n\s*pool merge: 1 job, after the pool shards\n"
                      rf"\s*preflight: 1 job\(s\) \({SMOKE_COMBINATION}\), after the pool merge\n"
-                     r"\s*cells: 2 job\(s\), in a later run once the verdicts are in: python sweeps/lora_rank.py", graph), graph
+                     r"\s*cells: 2 job\(s\), after the pool merge and its combination's preflight\n", graph), graph
     assert "#SBATCH --dependency='afterok:<the pool merge job>'" in graph and "--job-name=nli_grpo_preflight_" in graph
-    assert "dry run: 1 preflight job(s) would be submitted; nothing was." in done.stdout
+    assert f"#SBATCH --dependency='afterok:<the pool merge job>:<the preflight job of {SMOKE_COMBINATION}>'" in graph
+    assert "dry run: 2 of 2 cells would be submitted, after 1 preflight job(s); nothing was." in done.stdout
 
     cells = sweep_command(*POOL_CELLS, "--dry-run", "--results", str(results_dir), env=job_env)
     assert cells.returncode == 0, cells.stdout + cells.stderr
     assert f"preflight {SMOKE_COMBINATION}: none ran (--preflight runs it)" in cells.stdout
-    assert "cells: 2 job(s), 2 of them after the pool merge" in cells.stdout
+    assert "cells: 2 job(s), after the pool merge" in cells.stdout
     assert not results_dir.exists()  # a dry run writes nothing
