@@ -299,7 +299,7 @@ def _recording(node: launch.ArrayNode, book: manifest.Book, described: dict, rec
             record["jobs"].update({f"preflight/{combo}": job for combo, job in ids.items()})
         elif node.kind == "cells":
             record["jobs"].update(ids)
-        book.record(described if node.kind == "cells" else {}, record)
+        book.record(described, record)
     return keep
 
 

@@ -579,8 +579,7 @@ def wait_for(jobs) -> bool:
     for job in jobs:
         try:
             job.result()
-        except Exception as err:  # noqa: BLE001 - reported, and the nodes after it are not submitted
-            print(f"job {job.job_id} failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}",
-                  file=sys.stderr)
+        except Exception:  # noqa: BLE001 - reported, and the nodes after it are not submitted
+            print(f"job {job.job_id} failed (its log: {job.paths.stderr})", file=sys.stderr)
             ok = False
     return ok

@@ -557,8 +557,8 @@ def _report(jobs_graph: graph.Graph, queued: dict, error, pool_plan, checks: dic
         console.print(describe_plan(pool_plan), soft_wrap=True)
     if preflights := by_kind.get("preflight"):
         console.print(f"submitted {len(preflights)} preflight job(s) ({args.cluster}: {', '.join(str(j.job_id) for j in preflights.values())}); "
-                      f"verdicts go to {sweep_dir / PREFLIGHT_DIRNAME}/; the cells of a combination that fails stay blocked "
-                      "(status says why)", soft_wrap=True)
+                      f"verdicts go to {sweep_dir / PREFLIGHT_DIRNAME}/; the cells of a combination that fails "
+                      + ("stay blocked (status says why)" if args.cluster == "slurm" else "are not run"), soft_wrap=True)
     cells, todo = by_kind.get("cells", {}), jobs_graph.cells
     if todo:
         arrays = sorted({str(j.job_id).split("_")[0] for j in cells.values()})
