@@ -229,7 +229,7 @@ def _preflight_nodes(todo: list, target: Target, checks: dict[str, Check], graph
     PREFLIGHT_TIME_MIN), after what its cells wait on (the pool); one array per distinct Slurm
     parameters. Returns what each combination's cells wait on: (node, combination) in the graph;
     a preflight queued before goes into their `dependency`."""
-    groups: dict[str, tuple[dict, dict, dict]] = {}
+    groups: dict[str, tuple[dict, tuple, dict, dict]] = {}
     after: dict[str, tuple] = {}
     options = target.options
     for combo, cells in by_combination(todo).items():
@@ -254,20 +254,18 @@ def _preflight_nodes(todo: list, target: Target, checks: dict[str, Check], graph
                                  options.online, exclusive=False)
             pool_wait = ("pool merge",) if any(c.waits_on_pool for c in cells) and any(n.kind == "pool merge" for n in graph.nodes) else ()
             key = json.dumps([params, pool_wait], sort_keys=True)
-            _, jobs, configs = groups.setdefault(key, (params, {}, {}))
+            _, _, jobs, configs = groups.setdefault(key, (params, pool_wait, {}, {}))
             jobs[combo], configs[combo] = job, cfg
-            after[combo] = pool_wait
-    for i, (params, jobs, configs) in enumerate(groups.values(), 1):
+    for i, (params, pool_wait, jobs, configs) in enumerate(groups.values(), 1):
         name = "preflight" if len(groups) == 1 else f"preflight {i}"
 
         def prepare(configs=configs) -> None:
             for combo, cfg in configs.items():
                 launch.write_config_snapshot(cfg, target.sweep_dir, preflight_file(target.sweep_dir, combo).with_suffix(".yaml"))
         graph.nodes.append(launch.ArrayNode(name, params, jobs, target.log_folder, lambda queued: None,
-                                            after=after[next(iter(jobs))], kind="preflight", prepare=prepare))
-        for combo in jobs:
-            after[combo] = ((name, combo),)
-    return {combo: refs for combo, refs in after.items() if refs and isinstance(refs[0], tuple)}
+                                            after=pool_wait, kind="preflight", prepare=prepare))
+        after.update({combo: ((name, combo),) for combo in jobs})
+    return after
 
 
 def _cell_nodes(todo: list, target: Target) -> list[launch.ArrayNode]:

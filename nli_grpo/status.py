@@ -38,7 +38,7 @@ from pathlib import Path
 
 from . import manifest as manifests
 from . import results, slurm, verdict
-from .layout import POOL_SPEC_FILENAME, PREFLIGHT_DIRNAME, RESULT_FILENAME, CellFolder, PoolFolder
+from .layout import CONFIG_SNAPSHOT_FILENAME, POOL_SPEC_FILENAME, PREFLIGHT_DIRNAME, RESULT_FILENAME, CellFolder, PoolFolder
 from .trackers import wandb_sync_command
 
 STATES = ("pending", "held", "running", "preempted", "blocked", "complete", "failed", "unknown", "missing")
@@ -165,37 +165,50 @@ def _end_state(ended: dict, job_id: str | None) -> str:
     return ended.get(job_id) or ended.get(job_id.split("_")[0], "")
 
 
+def _snapshot(folder: CellFolder) -> dict:
+    """The cell's config snapshot as written at submission ({} when it cannot be read)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(folder.config_snapshot.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _combination(snapshot: dict) -> str | None:
+    """The preflight combination of a config snapshot (verdict.combination; None when unreadable)."""
+    from .config import ConfigError, config_from_dict
+
+    try:
+        return verdict.combination(config_from_dict(snapshot)) if snapshot else None
+    except (ConfigError, ValueError, TypeError):
+        return None
+
+
 def blocked_detail(folder: CellFolder) -> str:
     """Why a cell's job waits forever: a job it depends on failed (its pool's merge, when it
     trains on a pool being built; its combination's preflight, when the sweep ran --preflight),
     and what to do."""
-    import yaml
-
-    try:
-        snapshot = yaml.safe_load(folder.config_snapshot.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        snapshot = {}
+    snapshot = _snapshot(folder)
     files = (snapshot.get("data") or {}).get("files") or {}
     merge = results.load_json(PoolFolder(Path(files["anli_hard"]).parent).merge_state) if files.get("anli_hard") else None
     if merge and merge.get("status") == "failed":
         cause = (f"its pool's merge failed ({merge.get('error') or 'see its log'}; python -m nli_grpo.status "
                  f"{Path(files['anli_hard']).parent})")
         return f"blocked: {cause}; fix that, then run the sweep again (it cancels and resubmits this cell)"
-    failed = _failed_preflight(folder, snapshot)
+    failed = _failed_preflight(folder.path.parent, _combination(snapshot))
     if failed:
         return (f"blocked: its combination's preflight failed ({failed}); fix that, then run the sweep again with --preflight, "
                 "or with --no-preflight to run it unchecked (either cancels and resubmits this cell)")
     return "blocked: a job it depends on failed; fix that, then run the sweep again (it cancels and resubmits this cell)"
 
 
-def _failed_preflight(folder: CellFolder, snapshot: dict) -> str:
-    """The fail reasons of the verdict of the cell's combination in its sweep folder, if it failed."""
-    from .config import ConfigError, config_from_dict
-
+def _failed_preflight(sweep_dir: Path, combination: str | None) -> str:
+    """The fail reasons of the combination's verdict in the sweep folder, if it failed."""
+    path = sweep_dir / PREFLIGHT_DIRNAME / f"{combination}.json"
     try:
-        path = folder.path.parent / PREFLIGHT_DIRNAME / f"{verdict.combination(config_from_dict(snapshot))}.json"
-        doc = verdict.read_verdict(path) if path.is_file() else None
-    except (ConfigError, ValueError, results.ResultError):
+        doc = verdict.read_verdict(path) if combination and path.is_file() else None
+    except results.ResultError:
         return ""
     if not doc or doc["verdict"] != "fail":
         return ""
@@ -326,6 +339,7 @@ def print_verdicts(sweep_dir: Path, console=None) -> None:
     if not combos:
         return
     colours = {"pass": "green", "warn": "yellow", "fail": "red"}
+    docs: dict[str, dict] = {}
     table = Table(title=f"preflight of {sweep_dir.name}")
     for column in ("combination", "verdict", "job", "s/step", "peak mem", "projected", "reasons"):
         table.add_column(column, overflow="fold")
@@ -339,12 +353,35 @@ def print_verdicts(sweep_dir: Path, console=None) -> None:
         except results.ResultError as err:
             table.add_row(combo, "[red]unreadable[/]", jobs.get(combo, "—"), "—", "—", "—", str(err))
             continue
+        docs[combo] = doc
         memory, fit = doc.get("memory", {}), doc.get("fit", {})
         table.add_row(combo, f"[{colours[doc['verdict']]}]{doc['verdict']}[/]", jobs.get(combo, "—"),
                       _number(doc.get("steps", {}).get("seconds_per_step")),
                       f"{memory['peak_gb']:.2f}/{memory['limit_gb']} GB" if "peak_gb" in memory else "—",
                       duration(fit.get("projected_s")), "; ".join(f"{r['level']}: {r['reason']}" for r in doc["reasons"]) or "—")
     console.print(table)
+    if line := projection_line(sweep_dir, docs):
+        console.print(line, soft_wrap=True)
+
+
+def projection_line(sweep_dir: Path, docs: dict[str, dict]) -> str | None:
+    """The sweep's cost as its verdicts project it: each submitted cell (its config snapshot in the
+    sweep folder) costs its combination's projected hours (fit.hours, x its GPUs: fit.gpu_hours),
+    and beside that what the preflights themselves took (their elapsed time x their GPUs)."""
+    cells = Counter(_combination(_snapshot(CellFolder(p.parent))) for p in sweep_dir.glob(f"*/{CONFIG_SNAPSHOT_FILENAME}"))
+    measured = {combo: doc for combo, doc in docs.items() if "hours" in doc.get("fit", {})}
+    covered = {combo: n for combo, n in cells.items() if combo in measured}
+    if not covered:
+        return None
+    hours = sum(n * measured[combo]["fit"]["hours"] for combo, n in covered.items())
+    gpu_hours = sum(n * measured[combo]["fit"]["gpu_hours"] for combo, n in covered.items())
+    checks = [(doc.get("elapsed_s") or 0) / 3600 for doc in docs.values()]
+    check_gpu_hours = sum(h * ((doc.get("config") or {}).get("resources", {}).get("gpus_per_node") or 0)
+                          for h, doc in zip(checks, docs.values()))
+    share = f" ({check_gpu_hours / gpu_hours:.1%} of the cells')" if gpu_hours else ""
+    return (f"projected from the verdicts: {sum(covered.values())} of the {sum(cells.values())} submitted cells need "
+            f"{hours:.2f} job-hours, {gpu_hours:.2f} GPU-hours; the preflights took {sum(checks):.2f} job-hours, "
+            f"{check_gpu_hours:.2f} GPU-hours{share}")
 
 
 def print_graph(sweep_dir: Path, queue: Callable[[list], dict] | None = None, accounting: Callable[[list], dict] | None = None,

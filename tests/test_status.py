@@ -199,3 +199,20 @@ def test_status_names_held_jobs_end_states_and_an_unreadable_queue(tmp_path, wri
     assert [lines[c].state for c in ("held", "cancelled", "queued", "done")] == ["unknown"] * 3 + ["complete"]
     with pytest.raises(slurm.SlurmError, match="slurmctld up"):
         status.sweep_status(sweep_dir, queue=controller_down, queue_required=True)
+
+
+def test_the_verdicts_project_the_sweeps_cost_beside_the_preflights_own(tmp_path):
+    """Each submitted cell (a config snapshot) costs its combination's projected hours; the
+    preflights' elapsed time is their share of it."""
+    from nli_grpo import launch, verdict
+    from nli_grpo.config import load_config
+
+    sweep_dir = tmp_path / "lora_rank"
+    for rank in (8, 16):
+        cfg = load_config("smoke", [f"lora.rank={rank}", "resources.gpus_per_node=2"])
+        launch.write_config_snapshot(cfg, sweep_dir / f"r{rank}")
+    doc = {"fit": {"hours": 2.0, "gpu_hours": 4.0}, "elapsed_s": 360, "config": {"resources": {"gpus_per_node": 2}}}
+    assert status.projection_line(sweep_dir, {verdict.combination(cfg): doc}) == (
+        "projected from the verdicts: 2 of the 2 submitted cells need 4.00 job-hours, 8.00 GPU-hours; "
+        "the preflights took 0.10 job-hours, 0.20 GPU-hours (2.5% of the cells')")
+    assert status.projection_line(sweep_dir, {"another__combination": doc}) is None

@@ -579,8 +579,12 @@ def test_preemption_without_a_user_signal_requeues_the_cell_which_resumes_to_com
     log_text = "".join(p.read_text() for p in sorted(logs.rglob("*_log.err")))
     assert "Bypassing signal SIGTERM" in log_text and "forwarding SIGUSR2" not in log_text, log_text[-3000:]
     assert f"job {job_id} is preempted (SIGTERM, no user signal): requeued it" in log_text
-    states = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True,
-                            timeout=30).stdout.split()
+
+    def recorded_end():  # slurmdbd records the last attempt's end a moment after the job left the queue
+        found = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True,
+                               timeout=30).stdout.split()
+        return found and found[-1] not in ("RUNNING", "COMPLETING") and found
+    states = wait_for("sacct's record of the last attempt", recorded_end, 60)
     assert len(states) >= 2 and set(states[:-1]) <= {"REQUEUED", "PREEMPTED"} and states[-1] == "COMPLETED", states
     assert recorded_jobs(sweep_dir) == [job_id]  # one submission: Slurm requeued it, no rerun
 
