@@ -335,6 +335,15 @@ def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(_explain(err)) from None
 
 
+def read_snapshot(path: str | Path) -> ExperimentConfig | None:
+    """A config snapshot as written at submission (a cell's `config.yaml`, a preflight's
+    `preflight/<combination>.yaml`); None when it is missing or cannot be read back."""
+    try:
+        return config_from_dict(OmegaConf.to_container(OmegaConf.load(path)))
+    except (OSError, ValueError, ConfigError, OmegaConfBaseException):
+        return None
+
+
 def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or ""
     message = str(err).splitlines()[0]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import launch, manifest, slurm, verdict
+from .config import read_snapshot
 from .layout import LOGS_DIRNAME, preflight_file
 from .pool import Pool, PoolPlan, pool_nodes
 from .results import ResultError
@@ -110,8 +111,7 @@ def queued_preflights(sweep_dir: Path, cells: list, queue: Callable[[list], dict
     """combination -> job id of the preflights recorded in the sweep's manifest that are in the
     queue (pending or running, not blocked) for the settings of the combination's first cell: a
     run with --preflight waits on them instead of submitting another."""
-    jobs = {part.split("/", 1)[1]: job for part, (job, _) in manifest.latest_jobs(manifest.read_manifest(sweep_dir)).items()
-            if part.startswith("preflight/")}
+    jobs = manifest.preflight_jobs(manifest.read_manifest(sweep_dir))
     if not jobs:
         return {}
     states = queue(list(jobs.values()))
@@ -119,22 +119,10 @@ def queued_preflights(sweep_dir: Path, cells: list, queue: Callable[[list], dict
     for combo, group in by_combination(cells).items():
         job = jobs.get(combo)
         if job and states.get(job) and states[job] != slurm.BLOCKED:
-            submitted = _snapshot(preflight_file(sweep_dir, combo).with_suffix(".yaml"))
-            if submitted is not None and not measured_changes(submitted, group[0].cfg.to_dict()):
+            submitted = read_snapshot(preflight_file(sweep_dir, combo).with_suffix(".yaml"))
+            if submitted is not None and not measured_changes(submitted.to_dict(), group[0].cfg.to_dict()):
                 found[combo] = job
     return found
-
-
-def _snapshot(path: Path) -> dict | None:
-    """A config snapshot as `to_dict()` (None when it cannot be read)."""
-    from omegaconf import OmegaConf
-
-    from .config import ConfigError, config_from_dict
-
-    try:
-        return config_from_dict(OmegaConf.to_container(OmegaConf.load(path))).to_dict()
-    except (OSError, ConfigError, ValueError):
-        return None
 
 
 def refuse_failed(cells: list, checks: dict[str, Check]) -> None:
@@ -144,8 +132,7 @@ def refuse_failed(cells: list, checks: dict[str, Check]) -> None:
         check = checks.get(combo)
         if check is None or check.state not in ("fail", "unreadable"):
             continue
-        reasons = "; ".join(r["reason"] for r in check.doc["reasons"] if r["level"] == "fail") if check.doc else ""
-        problem = check.problem or f"its combination {combo} failed preflight: {reasons}"
+        problem = check.problem or f"its combination {combo} failed preflight: {verdict.fail_reasons(check.doc)}"
         for c in group:
             c.problems.append(f"{problem}. Fix that and run --preflight again, leave these cells out (--models, "
                               "--quantizations), or submit them all the same with --no-preflight")
@@ -294,7 +281,7 @@ def _recording(node: launch.ArrayNode, book: manifest.Book, described: dict, rec
         record["graph"].append({"node": node.name, "kind": node.kind, "jobs": ids, "after": [_ref_text(r) for r in node.after],
                                 "dependency": _dependency(node)})
         if node.kind == "preflight":
-            record["jobs"].update({f"preflight/{combo}": job for combo, job in ids.items()})
+            record["jobs"].update({f"{manifest.PREFLIGHT_PART}{combo}": job for combo, job in ids.items()})
         elif node.kind == "cells":
             record["jobs"].update(ids)
         book.record(described, record)

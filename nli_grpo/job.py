@@ -35,7 +35,7 @@ import traceback
 from pathlib import Path
 
 from . import results
-from .config import ExperimentConfig, load_config
+from .config import ExperimentConfig, load_config, read_snapshot
 from .grid import cell_from_config, cell_id
 from .layout import COMPLETE_MARKER, CellFolder, result_document
 from .process import StopRequest, is_main_process
@@ -91,16 +91,8 @@ def recorded_config(folder: CellFolder, previous: dict) -> dict | None:
     snapshot; None when neither can be read."""
     if previous.get("config") is not None:
         return previous["config"]
-    if not folder.config_snapshot.is_file():
-        return None
-    from omegaconf import OmegaConf
-
-    from .config import ConfigError, config_from_dict
-
-    try:
-        return config_from_dict(OmegaConf.to_container(OmegaConf.load(folder.config_snapshot))).to_dict()
-    except ConfigError:
-        return None
+    snapshot = read_snapshot(folder.config_snapshot)
+    return snapshot.to_dict() if snapshot is not None else None
 
 
 def conflicting_inputs(run_dir: str | os.PathLike, config: dict, adapter: str | None = None,
@@ -341,6 +333,14 @@ def _environment(variables: dict[str, str]):
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def rollout_server(cfg: ExperimentConfig, run_dir: str | os.PathLike):
+    """A vllm_server training's server (server.serving: unless one is given), with this process's
+    environment pointing the trainer at it while the block runs. Start it before CUDA is initialised."""
+    with serving(cfg, run_dir) as env, _environment(env):
+        yield env
+
+
 def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None, force: bool = False) -> int:
     """The whole job for one cell: train (unless zero-shot or already done), then evaluate
     (if configured and not done). `adapter`: evaluate this trained adapter instead of training
@@ -358,9 +358,7 @@ def run(cfg: ExperimentConfig, reward_funcs=None, adapter: Path | None = None, f
     training = cfg.stage == "grpo" and adapter is None and not record.stage_done("train")
     try:
         record.update()
-        with contextlib.ExitStack() as rollout_server:
-            if training:  # a vllm_server cell's server, unless the job gave one; before CUDA is initialised
-                rollout_server.enter_context(_environment(rollout_server.enter_context(serving(cfg, cfg.output.dir))))
+        with rollout_server(cfg, cfg.output.dir) if training else contextlib.nullcontext():
             from .models import describe
 
             record.update(model=describe(cfg))  # its path, revision (what a number was computed with) and precision

@@ -306,13 +306,13 @@ class CellJob:
             self._stopping = True
             log.warning("forwarding SIGUSR2 to the training process(es) of %d; waiting up to %.0f s for them to save",
                         child.pid, self.stop_timeout_s)
-            _send(self.training_ranks(), signal.SIGUSR2)
+            send_signal(self.training_ranks(), signal.SIGUSR2)
             try:
                 child.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 # its last complete checkpoint is on disk; a half-written one is never loaded
                 log.error("training process did not exit within %.0f s; killing it", self.stop_timeout_s)
-                _send(_process_tree(child.pid), signal.SIGKILL)
+                send_signal(process_tree(child.pid), signal.SIGKILL)
                 child.wait()
         return submitit.helpers.DelayedSubmission(CellJob(self.command, self.run_dir, self.stop_timeout_s, self.threads,
                                                           self.gpus, self.retries, self.online, self.rollout_server,
@@ -343,9 +343,9 @@ def _ignore_usr2() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def _process_tree(pid: int) -> list:
-    """The process and all its descendants (not a process group: torchrun starts each worker in
-    a session of its own)."""
+def process_tree(pid: int) -> list:
+    """The process and all its descendants alive now, as psutil.Process (not a process group:
+    torchrun starts each worker in a session of its own); [] when it is gone."""
     import psutil
 
     try:
@@ -355,7 +355,8 @@ def _process_tree(pid: int) -> list:
         return []
 
 
-def _send(processes: list, sig: int) -> None:
+def send_signal(processes: list, sig: int) -> None:
+    """Send `sig` to each of `processes` (psutil.Process) that is still there."""
     import psutil
 
     for process in processes:

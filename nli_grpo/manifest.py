@@ -93,6 +93,16 @@ def latest_jobs(manifest: dict) -> dict[str, tuple[str, str]]:
     return found
 
 
+#: How a preflight's job is keyed among a submission's jobs: `preflight/<combination>`.
+PREFLIGHT_PART = "preflight/"
+
+
+def preflight_jobs(manifest: dict) -> dict[str, str]:
+    """combination -> job id of the latest preflight job of each combination the manifest records."""
+    return {part.removeprefix(PREFLIGHT_PART): job for part, (job, _) in latest_jobs(manifest).items()
+            if part.startswith(PREFLIGHT_PART)}
+
+
 def recorded_jobs(sweep_dir: str | os.PathLike) -> list[str]:
     """The latest job id of every cell (or part) of the manifest: the jobs to ask the queue about."""
     return [job_id for job_id, _ in latest_jobs(read_manifest(sweep_dir)).values()]

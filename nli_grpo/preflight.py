@@ -6,7 +6,7 @@ combination (base model x quantization x rollout backend x GPUs, nli_grpo.verdic
 will run, and run right:
 
 a. load the base and the rollout engine as a cell does (training.build_trainer; with
-   rollout.backend=vllm_server, first start the server as the cell's job does: job_server); record
+   rollout.backend=vllm_server, first start the server as the cell's job does: job.rollout_server); record
    the device, driver / CUDA and library versions;
 b. preflight.cycles generation cycles of real GRPO steps at the recipe's lengths on its training
    source (every step a full update: zero-advantage skips are off, so the rate is an upper bound),
@@ -50,8 +50,8 @@ from pathlib import Path
 
 from . import results, verdict
 from .config import ConfigError, ExperimentConfig
-from .job import EXIT_FAILED, EXIT_REFUSED, config_for_run
-from .launch import SIGNAL_DELAY_S
+from .job import EXIT_FAILED, EXIT_REFUSED, config_for_run, rollout_server
+from .launch import SIGNAL_DELAY_S, process_tree, send_signal
 from .layout import preflight_file
 
 log = logging.getLogger("nli_grpo.preflight")
@@ -287,26 +287,6 @@ def eval_items(cfg: ExperimentConfig) -> int:
     return sum(min(cfg.eval.limit or BENCHMARKS[name].expected_n, BENCHMARKS[name].expected_n) for name in cfg.eval.benchmarks)
 
 
-@contextlib.contextmanager
-def job_server(cfg: ExperimentConfig, work: Path):
-    """rollout.backend=vllm_server: the vLLM server the cell's job would start (nli_grpo.server.serving,
-    as launch.CellJob.serving does), in `work`, stopped on the way out; while it runs, this process
-    has the environment the job gives its training process (the server's URL, the training GPUs)."""
-    from .server import serving
-
-    with serving(cfg, work) as env:
-        before = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        try:
-            yield env
-        finally:
-            for key, value in before.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-
 def _close(trainer) -> None:
     """Stop the trainer's rollout side (engine, server client) and free its memory."""
     from .training import _release
@@ -339,7 +319,7 @@ def run_preflight(cfg: ExperimentConfig, out: Path, signal_delay_s: float = SIGN
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, work, ignore_errors=True)
         if cfg.rollout.backend == "vllm_server":
-            cleanup.enter_context(job_server(short, work))
+            cleanup.enter_context(rollout_server(short, work))
         trainer, data_info = build_trainer(short, StopRequest())
         cleanup.callback(_close, trainer)
         load_s = time.perf_counter() - started
@@ -435,16 +415,6 @@ def _measure(cfg: ExperimentConfig, out: Path, signal_delay_s: float, parent) ->
         raise
 
 
-def _tree(process) -> list:
-    """`process` (a psutil.Process) and its descendants alive now."""
-    import psutil
-
-    try:
-        return [process, *process.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 def _resident_gb(processes: list) -> float:
     """Resident memory of `processes`, summed (as _memory sums the trainer's and vLLM's engine's)."""
     import psutil
@@ -456,16 +426,6 @@ def _resident_gb(processes: list) -> float:
         except psutil.Error:  # exited between listing and reading
             pass
     return total / 2**30
-
-
-def _kill(processes: list) -> None:
-    import psutil
-
-    for p in processes:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
 
 
 def guarded_preflight(cfg: ExperimentConfig, out: Path, signal_delay_s: float = SIGNAL_DELAY_S) -> dict:
@@ -500,11 +460,11 @@ def guarded_preflight(cfg: ExperimentConfig, out: Path, signal_delay_s: float = 
     try:
         doc = _watch(child, receive, cfg.resources.mem_gb, death, tree)
     except BaseException:  # this parent was interrupted (Ctrl-C): the child goes with it
-        _kill(_tree(watched) or tree)
+        send_signal(process_tree(child.pid) or tree, signal.SIGKILL)
         raise
     finally:
         child.join()
-        _kill([p for p in tree if p.pid != child.pid])  # vLLM engine processes a killed child leaves behind
+        send_signal([p for p in tree if p.pid != child.pid], signal.SIGKILL)  # vLLM engine processes a killed child leaves behind
         receive.close()
     if doc is not None and child.exitcode == 0:
         return doc
@@ -538,13 +498,13 @@ def _watch(child, receive, limit_gb: float, death: dict, tree: list) -> dict | N
             return doc
         if not reading:
             time.sleep(MEMORY_SAMPLE_S)
-        tree[:] = _tree(tree[0]) or tree  # a child that just exited has no children left to list
+        tree[:] = process_tree(child.pid) or tree  # a child that just exited has no children left to list
         resident = _resident_gb(tree)
         death["peak_rss_gb"] = round(max(death["peak_rss_gb"], resident), 3)
         if resident > limit_gb and child.is_alive():
             log.error("preflight: its processes hold %.2f GB resident, over resources.mem_gb=%s: killing them", resident, limit_gb)
             death.update(killed_by="preflight", processes_killed=len(tree))
-            _kill(tree)
+            send_signal(tree, signal.SIGKILL)
 
 
 def _death_verdict(cfg: ExperimentConfig, out: Path, death: dict, elapsed_s: float) -> dict:

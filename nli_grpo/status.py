@@ -38,7 +38,16 @@ from pathlib import Path
 
 from . import manifest as manifests
 from . import results, slurm, verdict
-from .layout import CONFIG_SNAPSHOT_FILENAME, POOL_SPEC_FILENAME, PREFLIGHT_DIRNAME, RESULT_FILENAME, CellFolder, PoolFolder
+from .config import read_snapshot
+from .layout import (
+    CONFIG_SNAPSHOT_FILENAME,
+    POOL_SPEC_FILENAME,
+    PREFLIGHT_DIRNAME,
+    RESULT_FILENAME,
+    CellFolder,
+    PoolFolder,
+    preflight_file,
+)
 from .trackers import wandb_sync_command
 
 STATES = ("pending", "held", "running", "preempted", "blocked", "complete", "failed", "unknown", "missing")
@@ -165,32 +174,17 @@ def _end_state(ended: dict, job_id: str | None) -> str:
     return ended.get(job_id) or ended.get(job_id.split("_")[0], "")
 
 
-def _snapshot(folder: CellFolder) -> dict:
-    """The cell's config snapshot as written at submission ({} when it cannot be read)."""
-    import yaml
-
-    try:
-        return yaml.safe_load(folder.config_snapshot.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-
-
-def _combination(snapshot: dict) -> str | None:
-    """The preflight combination of a config snapshot (verdict.combination; None when unreadable)."""
-    from .config import ConfigError, config_from_dict
-
-    try:
-        return verdict.combination(config_from_dict(snapshot)) if snapshot else None
-    except (ConfigError, ValueError, TypeError):
-        return None
+def _combination(cfg) -> str | None:
+    """The preflight combination of a config snapshot (config.read_snapshot; None for none)."""
+    return verdict.combination(cfg) if cfg is not None else None
 
 
 def blocked_detail(folder: CellFolder) -> str:
     """Why a cell's job waits forever: a job it depends on failed (its pool's merge, when it
     trains on a pool being built; its combination's preflight, when the sweep ran --preflight),
     and what to do."""
-    snapshot = _snapshot(folder)
-    files = (snapshot.get("data") or {}).get("files") or {}
+    snapshot = read_snapshot(folder.config_snapshot)
+    files = snapshot.data.files if snapshot is not None else {}
     merge = results.load_json(PoolFolder(Path(files["anli_hard"]).parent).merge_state) if files.get("anli_hard") else None
     if merge and merge.get("status") == "failed":
         cause = (f"its pool's merge failed ({merge.get('error') or 'see its log'}; python -m nli_grpo.status "
@@ -205,14 +199,14 @@ def blocked_detail(folder: CellFolder) -> str:
 
 def _failed_preflight(sweep_dir: Path, combination: str | None) -> str:
     """The fail reasons of the combination's verdict in the sweep folder, if it failed."""
-    path = sweep_dir / PREFLIGHT_DIRNAME / f"{combination}.json"
+    path = preflight_file(sweep_dir, combination or "")
     try:
         doc = verdict.read_verdict(path) if combination and path.is_file() else None
     except results.ResultError:
         return ""
     if not doc or doc["verdict"] != "fail":
         return ""
-    return "; ".join(r["reason"] for r in doc["reasons"] if r["level"] == "fail")
+    return verdict.fail_reasons(doc)
 
 
 def sweep_status(sweep_dir: str | Path, cell_ids: list[str] | None = None,
@@ -333,8 +327,7 @@ def print_verdicts(sweep_dir: Path, console=None) -> None:
     from rich.table import Table
 
     console = console or make_console()
-    jobs = {part.split("/", 1)[1]: job for part, (job, _) in manifests.latest_jobs(manifests.read_manifest(sweep_dir)).items()
-            if part.startswith("preflight/")}
+    jobs = manifests.preflight_jobs(manifests.read_manifest(sweep_dir))
     combos = sorted({*jobs, *(p.stem for p in (sweep_dir / PREFLIGHT_DIRNAME).glob("*.json"))})
     if not combos:
         return
@@ -344,7 +337,7 @@ def print_verdicts(sweep_dir: Path, console=None) -> None:
     for column in ("combination", "verdict", "job", "s/step", "peak mem", "projected", "reasons"):
         table.add_column(column, overflow="fold")
     for combo in combos:
-        path = sweep_dir / PREFLIGHT_DIRNAME / f"{combo}.json"
+        path = preflight_file(sweep_dir, combo)
         if not path.exists():
             table.add_row(combo, "none yet", jobs.get(combo, "—"), "—", "—", "—", f"its log: {sweep_dir / 'logs'}")
             continue
@@ -368,7 +361,7 @@ def projection_line(sweep_dir: Path, docs: dict[str, dict]) -> str | None:
     """The sweep's cost as its verdicts project it: each submitted cell (its config snapshot in the
     sweep folder) costs its combination's projected hours (fit.hours, x its GPUs: fit.gpu_hours),
     and beside that what the preflights themselves took (their elapsed time x their GPUs)."""
-    cells = Counter(_combination(_snapshot(CellFolder(p.parent))) for p in sweep_dir.glob(f"*/{CONFIG_SNAPSHOT_FILENAME}"))
+    cells = Counter(_combination(read_snapshot(p)) for p in sweep_dir.glob(f"*/{CONFIG_SNAPSHOT_FILENAME}"))
     measured = {combo: doc for combo, doc in docs.items() if "hours" in doc.get("fit", {})}
     covered = {combo: n for combo, n in cells.items() if combo in measured}
     if not covered:

@@ -493,8 +493,9 @@ def _run(sweep: Sweep, args: argparse.Namespace, held: contextlib.ExitStack) -> 
     if jobs_graph.record is not None:
         jobs_graph.record["preflight"] = ("skipped (--no-preflight)" if args.no_preflight else "run first (--preflight)" if args.preflight
                                           else {combo: check.state for combo, check in checks.items()})
-    console.print(graph.describe(jobs_graph, None if args.preflight else {k: v for k, v in checks.items()
-                                 if k in graph.by_combination(jobs_graph.cells)}), soft_wrap=True, markup=False)
+    submitted_combinations = graph.by_combination(jobs_graph.cells)
+    console.print(graph.describe(jobs_graph, None if args.preflight else {k: v for k, v in checks.items() if k in submitted_combinations}),
+                  soft_wrap=True, markup=False)
     preflights, todo = jobs_graph.jobs("preflight"), jobs_graph.cells
     if args.dry_run:
         if pool_plan is not None:

@@ -176,6 +176,11 @@ def death_findings(death: dict, limit_gb: float) -> list[dict]:
                     "fix that and run the preflight again")]
 
 
+def fail_reasons(doc: dict) -> str:
+    """The reasons of a verdict's `fail` findings, as one line."""
+    return "; ".join(r["reason"] for r in doc["reasons"] if r["level"] == "fail")
+
+
 def read_verdict(path: str | os.PathLike) -> dict:
     """A preflight verdict file, checked: its `verdict` is one of VERDICTS and it has its
     `combination` and `reasons`. Raises ResultError saying what is wrong."""
